@@ -1,0 +1,81 @@
+"""Tokenizer weights on disk: safe LlamaGen loading, our safetensors round trip, dispatch, bad files."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+
+import pytest
+import torch
+
+from tokenizers_vq import VQModel, vq_config
+from tokenizers_vq.checkpoint import (
+    load_llamagen_vq,
+    load_tokenizer,
+    load_vq,
+    safe_torch_load,
+    save_vq,
+)
+
+
+class NotAllowed:
+    """A class the safe loader must refuse to unpickle."""
+
+
+def _tiny() -> VQModel:
+    return VQModel(vq_config("vq-tiny")).eval()
+
+
+def test_llamagen_file_with_namespace_loads_strictly(tmp_path):
+    model = _tiny()
+    path = tmp_path / "vq_ds4.pt"
+    torch.save({"model": model.state_dict(), "steps": 10, "args": argparse.Namespace(lr=1e-4, vq_model="VQ-16")},
+               path)
+    loaded = load_llamagen_vq(path, "vq-tiny")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_llamagen_reference_file_loads(reference_dir):
+    from tokenizers_vq import VQConfig
+
+    config = VQConfig(codebook_size=64, base_channels=32, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2),
+                      z_channels=32)
+    model = load_llamagen_vq(reference_dir / "vq_tiny.pt", config)
+    expected = torch.load(reference_dir / "vq_tiny_expected.pt", weights_only=True)
+    assert torch.equal(model.encode(expected["images"]), expected["codes"])
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": NotAllowed()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        safe_torch_load(path)
+
+
+def test_wrong_checkpoint_names_the_mismatch(tmp_path):
+    path = tmp_path / "vq.pt"
+    torch.save({"model": _tiny().state_dict()}, path)
+    with pytest.raises(ValueError, match="does not fit") as err:
+        load_llamagen_vq(path, "vq-small")
+    assert "wrong shape" in str(err.value)
+    with pytest.raises(ValueError, match="no 'ema' entry"):
+        load_llamagen_vq(path, "vq-tiny", key="ema")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_llamagen_vq(tmp_path / "missing.pt", "vq-tiny")
+
+
+def test_safetensors_round_trip_and_dispatch(tmp_path):
+    model = _tiny()
+    weights = save_vq(model, tmp_path / "tok")
+    assert weights.name == "model.safetensors"
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_vq(tmp_path / "tok")
+    assert loaded.config == model.config
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    assert isinstance(load_tokenizer(tmp_path / "tok"), VQModel)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_vq(tmp_path)

@@ -1,0 +1,137 @@
+"""Tokenizer weights on disk: LlamaGen `.pt` files (safe, strict), our safetensors + config, and a loader
+that picks the right one for a path.
+
+LlamaGen pickles an `argparse.Namespace` beside the weights, so its files are read with
+`torch.load(weights_only=True)` plus an allow-list of exactly that class, never with `weights_only=False`.
+Our weights are `model.safetensors` with `config.json` beside them, written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizers_vq.config import VQConfig, vq_config
+from tokenizers_vq.model import VQModel
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Buffers that are bookkeeping, not weights: absent from some files, never a reason to refuse one.
+_OPTIONAL_KEYS = ("quantize.codebook_used",)
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """`torch.load` that unpickles tensors, containers and argparse.Namespace only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that lists what does not fit, instead of torch's wall of keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and k not in _OPTIONAL_KEYS]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not fit this tokenizer config ({len(missing)} missing, {len(unexpected)} "
+                 f"unexpected, {len(wrong)} wrong-shape keys); is it the right checkpoint and size?"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                lines.append(f"  {title}: " + ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else ""))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_llamagen_vq(path: str | Path, config: VQConfig | str = "vq-16", key: str = "model") -> VQModel:
+    """A LlamaGen VQ checkpoint (e.g. `vq_ds16_c2i.pt`) as a VQModel in eval mode.
+
+    config: a VQConfig or a named size (`vq-16` for vq_ds16_c2i.pt, `vq-8` for vq_ds8_c2i.pt).
+    key: which entry of the file holds the weights (`model`; `ema` when trained with EMA).
+    """
+    config = vq_config(config) if isinstance(config, str) else config
+    payload = safe_torch_load(path)
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{path} is not a LlamaGen checkpoint (expected a dict, got {type(payload).__name__})")
+    state_dict = payload.get(key, payload if all(isinstance(v, torch.Tensor) for v in payload.values()) else None)
+    if state_dict is None:
+        raise ValueError(f"{path} has no {key!r} entry; it holds {sorted(payload)}")
+    model = VQModel(config)
+    _check_and_load(model, state_dict, str(path))
+    return model.eval()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_vq(model: VQModel, directory: str | Path) -> Path:
+    """Save `model.safetensors` + `config.json` into `directory`; returns the weights path."""
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = directory / WEIGHTS_NAME
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config_text = json.dumps({"kind": "engram-vision-vq", "config": model.config.to_dict()}, indent=2)
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    return weights
+
+
+def load_vq(directory: str | Path) -> VQModel:
+    """Our saved tokenizer (`save_vq`) as a VQModel in eval mode."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"tokenizer directory {directory} has no {name}")
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    if meta.get("kind") != "engram-vision-vq":
+        raise ValueError(f"{directory / CONFIG_NAME} is not an engram-vision tokenizer config")
+    model = VQModel(VQConfig(**meta["config"]))
+    _check_and_load(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
+    return model.eval()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, the 'weights hash' that token shards and metrics record."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tokenizer(path: str | Path, size: str | None = None) -> torch.nn.Module:
+    """Any supported tokenizer behind `encode`/`decode`: our directory, a diffusers VQModel directory,
+    or a LlamaGen `.pt` (then `size` names its config, default `vq-16`)."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        if meta.get("kind") == "engram-vision-vq":
+            return load_vq(path)
+        from tokenizers_vq.diffusers_backend import DiffusersVQTokenizer  # optional heavy import
+
+        return DiffusersVQTokenizer.from_pretrained(path)
+    if path.suffix == ".pt":
+        return load_llamagen_vq(path, size or "vq-16")
+    raise FileNotFoundError(f"no tokenizer at {path}: expected a directory with {CONFIG_NAME} "
+                            f"(ours or diffusers) or a LlamaGen .pt file")
