@@ -73,8 +73,9 @@ def load_llamagen_vq(path: str | Path, config: VQConfig | str = "vq-16", key: st
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call `write(tmp_path)`, then rename tmp onto `path`: readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -91,9 +92,9 @@ def save_vq(model: VQModel, directory: str | Path) -> Path:
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config_text = json.dumps({"kind": "engram-vision-vq", "config": model.config.to_dict()}, indent=2)
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write_text(directory / CONFIG_NAME, config_text)
     return weights
 
 
@@ -135,3 +136,8 @@ def load_tokenizer(path: str | Path, size: str | None = None) -> torch.nn.Module
         return load_llamagen_vq(path, size or "vq-16")
     raise FileNotFoundError(f"no tokenizer at {path}: expected a directory with {CONFIG_NAME} "
                             f"(ours or diffusers) or a LlamaGen .pt file")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically replace a text file (JSON reports, manifests)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,5 @@
+"""`python -m train <stage> <subcommand> ...`: see `train/cli.py`."""
+
+from train.cli import main
+
+main()

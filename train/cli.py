@@ -1,0 +1,40 @@
+"""LightningCLI entry points, one per trainable stage: `python -m train <stage> <fit|validate|...> ...`.
+
+Stages map to a LightningModule; the data module is chosen in YAML by `class_path` (subclass mode), so a
+new data source is a new class, not a new flag. Every run saves its resolved config beside its logs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+
+def _tokenizer_module() -> type[L.LightningModule]:
+    from train.lit_vq import LitVQ
+
+    return LitVQ
+
+
+# stage name -> factory of its LightningModule class (imported lazily so `--help` stays fast)
+STAGES: dict[str, Callable[[], type[L.LightningModule]]] = {"tokenizer": _tokenizer_module}
+
+
+def run_stage(stage: str, args: list[str]) -> LightningCLI:
+    """Run LightningCLI for `stage` with command-line `args` (e.g. `["fit", "--config", "x.yaml"]`)."""
+    if stage not in STAGES:
+        raise SystemExit(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+    return LightningCLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=args,
+                        save_config_kwargs={"overwrite": True})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print("usage: python -m train <stage> <fit|validate|test|predict> --config <yaml> [overrides]\n"
+              f"stages: {', '.join(sorted(STAGES))}")
+        return
+    run_stage(argv[0], argv[1:])

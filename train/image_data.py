@@ -1,0 +1,360 @@
+"""Image DataModules: embedded digits, an ImageNet-layout folder, or webdataset shards (`jpg` + `cls`).
+
+Every loader yields `(images, labels)`: images float32 [B,3,S,S] in [-1,1], labels int64 [B]. A corrupt or
+truncated image never crashes a run: it is skipped, a `CorruptImageWarning` names it, and the module's
+`skipped_images` counts it (summed over DataLoader workers through a shared-memory tensor). Decoding
+and cropping live in `train.transforms`, the digits in `train.digits`, shard writing in
+`train.write_shards`; token shards and the models are other modules' business.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import webdataset as wds
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from train import digits
+from train.transforms import (
+    UNREADABLE_IMAGE_ERRORS,
+    CorruptImageWarning,
+    ImageTransformConfig,
+    eval_transform,
+    open_rgb,
+    train_transform,
+)
+
+__all__ = ["CorruptImageWarning", "SkipCounter", "SafeImageLoader", "SkipNoneCollate", "shard_urls",
+           "DigitsDataModule", "ImageFolderDataModule", "ImageShardsDataModule"]  # fmt: skip
+
+
+class SkipCounter:
+    """Counts skipped images across the main process and DataLoader workers.
+
+    Each process writes only its own slot of a shared-memory tensor (slot 0 = main, 1 + worker id), so
+    increments never race; `count` sums the slots. Forked workers inherit the tensor and torch's pickling
+    shares it under spawn, so the main process sees the workers' counts.
+    """
+
+    def __init__(self, num_workers: int = 0) -> None:
+        # device="cpu": shared memory is CPU-only, even when built under a `torch.device("meta")` context.
+        self._slots = torch.zeros(num_workers + 1, dtype=torch.int64, device="cpu").share_memory_()
+
+    def add(self, name: str, reason: object) -> None:
+        """Count one skipped item and warn with its name and the reason."""
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id
+        self._slots[slot % self._slots.numel()] += 1
+        warnings.warn(f"skipping unreadable image {name}: {reason}", CorruptImageWarning, stacklevel=2)
+
+    @property
+    def count(self) -> int:
+        """Total items skipped so far, over all processes."""
+        return int(self._slots.sum())
+
+    def reset(self) -> None:
+        self._slots.zero_()
+
+
+class SafeImageLoader:
+    """ImageFolder loader: the decoded (and transformed) image, or None, counted and warned, when unreadable.
+
+    The transform runs here rather than as ImageFolder's `transform` so that a None never reaches it.
+    """
+
+    def __init__(self, counter: SkipCounter, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.counter, self.transform = counter, transform
+
+    def __call__(self, path: str) -> Any:
+        try:
+            image = open_rgb(path)
+        except UNREADABLE_IMAGE_ERRORS as exn:
+            self.counter.add(path, exn)
+            return None
+        return image if self.transform is None else self.transform(image)
+
+
+class SkipNoneCollate:
+    """Collate that drops skipped samples; a batch whose samples were all skipped comes out with B = 0."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __call__(self, batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = [(image, label) for image, label in batch if image is not None]
+        if not kept:
+            s = self.image_size
+            return torch.empty(0, 3, s, s), torch.empty(0, dtype=torch.int64)
+        images, labels = default_collate(kept)
+        return images, labels.to(torch.int64)
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, **kw: Any) -> DataLoader:
+    # Iterable (shard) datasets shuffle inside their pipeline and must pass shuffle=False here.
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, **kw,
+    )  # fmt: skip
+
+
+class _DigitsDataset(Dataset):
+    """Digits as ready tensors: image float32 [3,16,16] in [-1,1], label int64 []."""
+
+    def __init__(self, split: Literal["train", "val"], flip: bool) -> None:
+        images, labels = digits.digits_split(split)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        self.labels, self.flip = torch.from_numpy(labels), flip
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
+class DigitsDataModule(LightningDataModule):
+    """The embedded scikit-learn digits (RGB 16x16, 10 classes; 1500 train / 297 val); no files needed."""
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, flip: bool = False) -> None:
+        """
+        Args:
+            batch_size: Images per batch.
+            num_workers: DataLoader worker processes (0 = main process; the set is tiny).
+            flip: Random horizontal flip of training images (off by default: digits are not symmetric).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.batch_size, self.num_workers, self.flip = batch_size, num_workers, flip
+        self.num_classes, self.image_size = digits.NUM_CLASSES, digits.IMAGE_SIZE
+        self.skipped_images = 0  # the file-backed modules' interface; nothing here can be corrupt
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(_DigitsDataset("train", self.flip), self.batch_size, self.num_workers, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return _loader(_DigitsDataset("val", False), self.batch_size, self.num_workers, shuffle=False)
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """An ImageNet-layout tree `root/{train_dir,val_dir}/<class>/<image>`, via torchvision's ImageFolder.
+
+    Class indices are the sorted class folder names (torchvision's rule, also used by `train.write_shards`).
+    Unreadable files are skipped, warned about and counted in `skipped_images`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 256,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        train_crop: Literal["center", "random"] = "random",
+        crop_scale: tuple[float, float] = (0.8, 1.0),
+        flip: bool = True,
+        train_dir: str = "train",
+        val_dir: str | None = "val",
+    ) -> None:
+        """
+        Args:
+            root: Folder holding the split folders.
+            image_size: Side S of the square images.
+            batch_size: Images per batch (per device).
+            num_workers: DataLoader worker processes.
+            train_crop: Training crop: `random` (LlamaGen) or `center` (ADM).
+            crop_scale: (min, max) crop fraction of the random crop.
+            flip: Random horizontal flip at training time.
+            train_dir: Training split folder under `root`.
+            val_dir: Validation split folder under `root` (centre crop, no flip); None for none.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.root, self.train_dir, self.val_dir = Path(root), train_dir, val_dir
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.transform_cfg = ImageTransformConfig(image_size, train_crop, tuple(crop_scale), flip)
+        self.skip_counter = SkipCounter(num_workers)
+        self._num_classes: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders in `root/train_dir` (read on first use)."""
+        if self._num_classes is None:
+            self._num_classes = len(find_classes(self.root / self.train_dir)[0])
+        return self._num_classes
+
+    @property
+    def skipped_images(self) -> int:
+        return self.skip_counter.count
+
+    def _dataloader(self, split_dir: str, train: bool) -> DataLoader:
+        transform = (train_transform if train else eval_transform)(self.transform_cfg)
+        dataset = ImageFolder(
+            str(self.root / split_dir), loader=SafeImageLoader(self.skip_counter, transform)
+        )
+        collate = SkipNoneCollate(self.image_size)
+        return _loader(dataset, self.batch_size, self.num_workers, shuffle=train, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader(self.train_dir, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_dir is None else self._dataloader(self.val_dir, train=False)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def shard_urls(spec: str) -> list[str]:
+    """Shards of a spec: a local folder (its `*.tar`, sorted), or a brace pattern / URL list (expanded)."""
+    if _is_local(spec) and Path(spec).is_dir():
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in folder {spec}")
+        return urls
+    urls = wds.shardlists.expand_urls(spec)
+    missing = [u for u in urls if _is_local(u) and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
+    return urls
+
+
+def _wanted_member(fname: str) -> bool:
+    # Only image and label bytes are ever read: .pyd/.pth/pickle members are not even extracted.
+    return fname.endswith((".jpg", ".cls"))
+
+
+class _ShardErrorHandler:
+    """webdataset handler: warn, count, continue (a bad shard or member never stops training)."""
+
+    def __init__(self, counter: SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.counter.add("in shard stream", repr(exn))
+        return True
+
+
+class _ShardDecoder:
+    """Shard sample dict -> (image float32 [3,S,S], label int), or None (counted) when undecodable."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], counter: SkipCounter) -> None:
+        self.transform, self.counter = transform, counter
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+        name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        if "jpg" not in sample or "cls" not in sample:
+            self.counter.add(name, "sample lacks a jpg or cls member")
+            return None
+        try:
+            image = open_rgb(sample["jpg"])
+        except UNREADABLE_IMAGE_ERRORS as exn:
+            self.counter.add(name, exn)
+            return None
+        return self.transform(image), int(sample["cls"])
+
+
+class ImageShardsDataModule(LightningDataModule):
+    """Webdataset shards with `jpg` + `cls` members (as written by `python -m train.write_shards`).
+
+    Shards are split over ranks (`wds.split_by_node`), then DataLoader workers (`wds.split_by_worker`);
+    training shuffles shards and samples. Use fewer workers than shards per rank, or some stay idle. For
+    DDP with uneven shard counts per rank, use `resampled=True` with `samples_per_epoch`.
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        shuffle_buffer: int = 1000,
+        train_crop: Literal["center", "random"] = "random",
+        crop_scale: tuple[float, float] = (0.8, 1.0),
+        flip: bool = True,
+        num_classes: int | None = None,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        """
+        Args:
+            train_shards: Brace pattern (`/data/train-{000000..000127}.tar`) or a folder of `.tar` files.
+            val_shards: The same for validation (centre crop, no flip, in order); None for none.
+            image_size: Side S of the square images.
+            batch_size: Images per batch (per device).
+            num_workers: DataLoader worker processes.
+            shuffle_buffer: Samples in the training shuffle buffer (0 = shuffle shards only).
+            train_crop: Training crop: `random` (LlamaGen) or `center` (ADM).
+            crop_scale: (min, max) crop fraction of the random crop.
+            flip: Random horizontal flip at training time.
+            num_classes: Number of classes; None reads `classes.json` beside the (local) training shards.
+            resampled: Draw training shards with replacement, endlessly (pair with `samples_per_epoch`).
+            samples_per_epoch: Training samples per rank per epoch; None = one pass over the rank's shards.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        if resampled and samples_per_epoch is None:
+            raise ValueError("resampled=True streams forever: set samples_per_epoch too")
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.samples_per_epoch = samples_per_epoch
+        self.transform_cfg = ImageTransformConfig(image_size, train_crop, tuple(crop_scale), flip)
+        self.skip_counter = SkipCounter(num_workers)
+        self._num_classes = num_classes
+
+    @property
+    def num_classes(self) -> int:
+        """`num_classes` if given, else the length of `classes.json` beside the first training shard."""
+        if self._num_classes is None:
+            first = shard_urls(self.train_shards)[0]
+            path = Path(first).parent / "classes.json"
+            if not _is_local(first) or not path.is_file():
+                raise FileNotFoundError(
+                    f"set num_classes, or put classes.json (see train.write_shards) at {path}"
+                )
+            self._num_classes = len(json.loads(path.read_text()))
+        return self._num_classes
+
+    @property
+    def skipped_images(self) -> int:
+        return self.skip_counter.count
+
+    def _dataloader(self, spec: str, train: bool) -> DataLoader:
+        handler = _ShardErrorHandler(self.skip_counter)
+        dataset = wds.WebDataset(
+            shard_urls(spec),
+            handler=handler,
+            resampled=train and self.resampled,
+            shardshuffle=100 if train and not self.resampled else False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            select_files=_wanted_member,
+            empty_check=False,  # a worker or rank without shards yields nothing instead of raising
+        )
+        if train and self.shuffle_buffer > 0:
+            dataset = dataset.shuffle(self.shuffle_buffer)
+        transform = (train_transform if train else eval_transform)(self.transform_cfg)
+        dataset = dataset.map(_ShardDecoder(transform, self.skip_counter), handler=handler)
+        if train and self.samples_per_epoch is not None:
+            dataset = dataset.with_epoch(math.ceil(self.samples_per_epoch / max(1, self.num_workers)))
+        return _loader(dataset, self.batch_size, self.num_workers, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader(self.train_shards, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_shards is None else self._dataloader(self.val_shards, train=False)

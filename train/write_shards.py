@@ -1,0 +1,176 @@
+"""Write one ImageFolder split as webdataset shards: `python -m train.write_shards --root DIR --out DIR`.
+
+Each sample holds `__key__` (the zero-padded global index of the source file), `jpg` (the file's own bytes
+when it already is a JPEG, else a quality-95 re-encode) and `cls` (the class index, torchvision's sorted
+folder order); `classes.json` maps index -> folder name. Shard k holds source files
+[k * shard_size, (k+1) * shard_size), so shard contents never depend on which other shards exist, and a
+rerun can skip finished shards. Each shard is written under a temporary name and renamed once complete
+(a crash leaves no half shard), after a `<prefix>-NNNNNN.json` summary beside it. Corrupt images are
+skipped, warned about, and totalled at the end. Reading the shards is `train.image_data`'s job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from jsonargparse import CLI
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from train.transforms import UNREADABLE_IMAGE_ERRORS, CorruptImageWarning
+
+__all__ = ["write_shards", "encode_jpeg", "main", "KEY_DIGITS"]
+
+KEY_DIGITS = 9  # __key__ width: room for 10^9 images, so keys sort like indices
+_TAR_MTIME = 0.0  # fixed member mtime: the same input gives byte-identical shards
+
+
+def encode_jpeg(path: str | Path, quality: int = 95) -> bytes:
+    """JPEG bytes for an image file: the original bytes if it is a JPEG, else an RGB re-encode.
+
+    The file is fully decoded either way (`load()`), so truncated or corrupt files raise one of
+    `train.transforms.UNREADABLE_IMAGE_ERRORS` here rather than when training reads the shard.
+    """
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as image:
+        image.load()
+        if image.format == "JPEG":
+            return raw  # keep the original bytes: re-encoding would add a second generation of artefacts
+        rgb = image.convert("RGB")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_one_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Write shard `job["name"]` from `job["files"]` (list of (path, class index)) unless it exists.
+
+    Returns its summary: {"shard", "first_index", "num_files", "num_samples", "skipped", "reused"}.
+    """
+    out, name, first, files = Path(job["out"]), job["name"], job["first_index"], job["files"]
+    final, summary_path = out / f"{name}.tar", out / f"{name}.json"
+    if final.is_file():
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        if summary and (summary["first_index"], summary["num_files"]) != (first, len(files)):
+            raise ValueError(
+                f"{final} holds files {summary['first_index']}..+{summary['num_files']}, but this run "
+                f"would put {first}..+{len(files)} there: was it written with another shard_size or tree?"
+            )
+        return {**summary, "shard": final.name, "reused": True}
+
+    tmp = out / f"{name}.tar.tmp"
+    skipped: list[str] = []
+    written = 0
+    try:
+        with open(tmp, "wb") as stream:
+            with wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as sink:
+                for offset, (path, label) in enumerate(files):
+                    try:
+                        data = encode_jpeg(path, job["quality"])
+                    except UNREADABLE_IMAGE_ERRORS as exn:
+                        warnings.warn(
+                            f"skipping unreadable image {path}: {exn}", CorruptImageWarning, stacklevel=1
+                        )
+                        skipped.append(str(path))
+                        continue
+                    key = f"{first + offset:0{KEY_DIGITS}d}"
+                    sink.write({"__key__": key, "jpg": data, "cls": str(label).encode()})
+                    written += 1
+            stream.flush()
+            os.fsync(stream.fileno())  # the rename below must never expose a shard the disk has not got
+        summary = {"shard": final.name, "first_index": first, "num_files": len(files),
+                   "num_samples": written, "skipped": skipped}  # fmt: skip
+        _atomic_write_text(summary_path, json.dumps(summary, indent=1))
+        os.replace(tmp, final)  # the shard appears complete or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**summary, "reused": False}
+
+
+def write_shards(
+    root: str,
+    out: str,
+    shard_size: int = 1000,
+    prefix: str | None = None,
+    quality: int = 95,
+    num_workers: int = 1,
+) -> dict[str, Any]:
+    """Write the ImageFolder split `root` (one subfolder per class) as webdataset shards in `out`.
+
+    Args:
+        root: ImageFolder split folder, e.g. /data/imagenet/train.
+        out: Output folder for `<prefix>-NNNNNN.tar`, their `.json` summaries and `classes.json`.
+        shard_size: Source files per shard (corrupt files count, so boundaries are stable across reruns).
+        prefix: Shard name prefix; None uses the name of `root` (e.g. `train`).
+        quality: JPEG quality for images that are not JPEG already.
+        num_workers: Processes writing shards in parallel (1 = in this process).
+
+    Returns:
+        Summary: num_shards, shards_written, shards_reused, num_samples, num_skipped, skipped (paths).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    root_path, out_path = Path(root), Path(out)
+    prefix = prefix or root_path.resolve().name
+    classes, class_to_idx = find_classes(root_path)
+    # make_dataset walks classes and files in sorted order, so global indices are reproducible.
+    files = make_dataset(root_path, class_to_idx, extensions=IMG_EXTENSIONS)
+    out_path.mkdir(parents=True, exist_ok=True)
+
+    classes_json = json.dumps({str(i): name for i, name in enumerate(classes)}, indent=1)
+    classes_path = out_path / "classes.json"
+    if not classes_path.is_file():
+        _atomic_write_text(classes_path, classes_json)
+    elif json.loads(classes_path.read_text()) != json.loads(classes_json):
+        raise ValueError(f"{classes_path} lists other classes than {root}: use another --out")
+
+    jobs = [
+        {"out": str(out_path), "name": f"{prefix}-{k:06d}", "first_index": start,
+         "files": files[start : start + shard_size], "quality": quality}
+        for k, start in enumerate(range(0, len(files), shard_size))
+    ]  # fmt: skip
+    if num_workers > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            results = list(pool.map(_write_one_shard, jobs))
+    else:
+        results = [_write_one_shard(job) for job in jobs]
+
+    skipped = [path for r in results for path in r.get("skipped", [])]
+    summary = {
+        "num_shards": len(results),
+        "shards_written": sum(not r["reused"] for r in results),
+        "shards_reused": sum(r["reused"] for r in results),
+        "num_samples": sum(r.get("num_samples", 0) for r in results),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+    }
+    print(
+        f"{out_path}: {summary['num_shards']} shards ({summary['shards_written']} written, "
+        f"{summary['shards_reused']} already complete), {summary['num_samples']} images, "
+        f"{len(classes)} classes, {len(skipped)} unreadable images skipped"
+    )
+    for path in skipped:
+        print(f"  skipped: {path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line entry: `python -m train.write_shards --root DIR --out DIR [--shard_size N] ...`."""
+    return CLI(write_shards, as_positional=False, args=argv)
+
+
+if __name__ == "__main__":
+    main()
