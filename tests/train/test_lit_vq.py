@@ -87,3 +87,14 @@ def test_cli_fit_writes_grid_metrics_and_tokenizer_then_resumes(tmp_path):
 
     cli = run_stage("tokenizer", ["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 6 and int(cli.model.iterations) == 6
+
+
+def test_bf16_mixed_training_step_is_finite_and_keeps_fp32_weights():
+    module = LitVQ(TINY, VQLossConfig(perceptual_weight=0.0, disc_weight=0.5, disc_start=0,
+                                      discriminator=DiscriminatorConfig(base_channels=8, n_layers=2)), lr=1e-3)
+    before = module.model.decoder.conv_out.weight.detach().clone()
+    trainer = _trainer(fast_dev_run=2, precision="bf16-mixed")  # CPU autocast; the same path runs on GPUs
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    assert trainer.callback_metrics["train/loss"].isfinite()
+    assert module.model.decoder.conv_out.weight.dtype == torch.float32  # mixed precision, not bf16 weights
+    assert not torch.equal(module.model.decoder.conv_out.weight, before)
