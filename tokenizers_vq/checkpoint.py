@@ -38,15 +38,19 @@ def safe_torch_load(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that lists what does not fit, instead of torch's wall of keys."""
+def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                            optional_keys: tuple[str, ...] = _OPTIONAL_KEYS) -> None:
+    """Strict load with an error that lists what does not fit, instead of torch's wall of keys.
+
+    optional_keys: bookkeeping buffers the file may lack (the model keeps its own values for them).
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and k not in _OPTIONAL_KEYS]
+    missing = [k for k in expected if k not in state_dict and k not in optional_keys]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
              for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
-        lines = [f"{source} does not fit this tokenizer config ({len(missing)} missing, {len(unexpected)} "
+        lines = [f"{source} does not fit this model config ({len(missing)} missing, {len(unexpected)} "
                  f"unexpected, {len(wrong)} wrong-shape keys); is it the right checkpoint and size?"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
@@ -69,7 +73,7 @@ def load_llamagen_vq(path: str | Path, config: VQConfig | str = "vq-16", key: st
     if state_dict is None:
         raise ValueError(f"{path} has no {key!r} entry; it holds {sorted(payload)}")
     model = VQModel(config)
-    _check_and_load(model, state_dict, str(path))
+    load_state_dict_checked(model, state_dict, str(path))
     return model.eval()
 
 
@@ -108,7 +112,7 @@ def load_vq(directory: str | Path) -> VQModel:
     if meta.get("kind") != "engram-vision-vq":
         raise ValueError(f"{directory / CONFIG_NAME} is not an engram-vision tokenizer config")
     model = VQModel(VQConfig(**meta["config"]))
-    _check_and_load(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
+    load_state_dict_checked(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
     return model.eval()
 
 

@@ -1,0 +1,77 @@
+"""AR-prior weights on disk: LlamaGen c2i `.pt` files (safe, strict) and our safetensors + config.json.
+
+LlamaGen files carry a pickled argparse.Namespace and buffers we rebuild ourselves (`freqs_cis`, KV
+caches, causal masks); those are dropped, everything else must fit exactly. Reading uses the tokenizer
+package's safe loader and checked strict load, so both stages refuse bad files the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from engram_vision.config import ModelConfig, model_config
+from engram_vision.model import EngramGPT
+from tokenizers_vq.checkpoint import atomic_write, atomic_write_text, load_state_dict_checked, safe_torch_load
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+KIND = "engram-vision-gpt"
+_REBUILT_KEYS = ("freqs_cis", "kv_cache", "causal_mask")  # LlamaGen buffers that are not weights
+
+
+def load_llamagen_gpt(path: str | Path, config: ModelConfig | str = "gpt-b") -> EngramGPT:
+    """A LlamaGen c2i checkpoint (e.g. `c2i_B_256.pt`) as an EngramGPT in eval mode.
+
+    config: a ModelConfig or a size name (`gpt-b` ... `gpt-3b`); it must have no Engram layers.
+    """
+    config = model_config(config) if isinstance(config, str) else config
+    payload = safe_torch_load(path)
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{path} is not a LlamaGen checkpoint (got {type(payload).__name__})")
+    state_dict = next((payload[k] for k in ("model", "module", "state_dict") if k in payload), payload)
+    state_dict = {k: v for k, v in state_dict.items() if not any(part in k for part in _REBUILT_KEYS)}
+    model = EngramGPT(config)
+    load_state_dict_checked(model, state_dict, str(path), optional_keys=())
+    return model.eval()
+
+
+def save_gpt(model: EngramGPT, directory: str | Path) -> Path:
+    """Write `model.safetensors` + `config.json` (atomically); returns the weights path."""
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = directory / WEIGHTS_NAME
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps({"kind": KIND, "config": model.config.to_dict()}, indent=2))
+    return weights
+
+
+def load_gpt(directory: str | Path) -> EngramGPT:
+    """A model saved by `save_gpt`, in eval mode."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"model directory {directory} has no {name}")
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    if meta.get("kind") != KIND:
+        raise ValueError(f"{directory / CONFIG_NAME} is not an engram-vision GPT config (kind={meta.get('kind')!r})")
+    model = EngramGPT(ModelConfig(**meta["config"]))
+    load_state_dict_checked(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME),
+                            optional_keys=())
+    return model.eval()
+
+
+def load_any_gpt(path: str | Path, size: str | None = None) -> EngramGPT:
+    """Our saved directory, or a LlamaGen `.pt` (then `size` names its config, default gpt-b)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_gpt(path)
+    if path.suffix == ".pt":
+        return load_llamagen_gpt(path, size or "gpt-b")
+    raise FileNotFoundError(f"no model at {path}: expected a directory with {CONFIG_NAME} or a LlamaGen .pt")
+
+
+__all__ = ["load_any_gpt", "load_gpt", "load_llamagen_gpt", "save_gpt"]

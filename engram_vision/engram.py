@@ -1,0 +1,93 @@
+"""`EngramMemory`: one Engram layer – hashed n-gram rows of one table, key/value projections, a context
+gate and a causal depthwise conv – returning the residual update Y for a block (DESIGN.md section 3).
+
+Follows DeepSeek's Engram reference (arXiv 2601.07372): gate = sigmoid(signed_sqrt(<RMSNorm(h),
+RMSNorm(W_K e)> / sqrt(d))), y = gate * W_V e, Y = y + SiLU(conv(RMSNorm(y))). Which rows to read is
+`hashing.py`; where the layer sits and how the conv tail is carried across decode steps is `model.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engram_vision.config import EngramConfig, ModelConfig
+from engram_vision.hashing import HashParams, hash_rows
+from engram_vision.layers import RMSNorm
+
+
+class EngramMemory(nn.Module):
+    """Y [B,T,dim] for hidden states h [B,T,dim] at positions `positions` given the image tokens so far."""
+
+    def __init__(self, config: EngramConfig, model: ModelConfig, params: HashParams):
+        super().__init__()
+        self.config = config
+        self.layer_id = params.layer
+        self.grid = model.grid
+        self.pad_id = model.vocab_size
+        self.dim = model.dim
+        self.gate: str | float = config.gate
+        self.table = nn.Embedding(params.total_rows, config.head_dim)
+        self.table.weight.requires_grad_(config.table == "trainable")
+        # Stored in the checkpoint, so a model always hashes with the constants it was trained with.
+        self.register_buffer("multipliers", params.multipliers.clone())
+        self.register_buffer("primes", params.primes.clone())
+        self.register_buffer("offsets", params.offsets.clone())
+        self.key_proj = nn.Linear(config.memory_dim, model.dim, bias=False)
+        self.value_proj = nn.Linear(config.memory_dim, model.dim, bias=False)
+        self.norm_query = RMSNorm(model.dim, model.norm_eps)
+        self.norm_key = RMSNorm(model.dim, model.norm_eps)
+        self.tail_len = (config.conv_kernel - 1) * config.conv_dilation if config.use_conv else 0
+        if config.use_conv:
+            self.conv_norm = RMSNorm(model.dim, model.norm_eps)
+            self.conv = nn.Conv1d(model.dim, model.dim, config.conv_kernel, dilation=config.conv_dilation,
+                                  groups=model.dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Tables N(0,1); conv zero (Y = y at init); projections keep the model's N(0, std) init."""
+        nn.init.normal_(self.table.weight, std=1.0)
+        if self.config.use_conv:
+            nn.init.zeros_(self.conv.weight)
+
+    def hash_params(self) -> HashParams:
+        return HashParams(self.layer_id, self.multipliers, self.primes, self.offsets, self.table.num_embeddings)
+
+    def rows(self, history: Tensor, positions: Tensor, labels: Tensor | None,
+             code_map: Tensor | None = None) -> Tensor:
+        """Global table rows [B,T,heads] read at `positions` given image tokens `history` [B,N]."""
+        return hash_rows(history, positions, labels, self.grid, self.config, self.hash_params(), self.pad_id,
+                         code_map)
+
+    def gate_values(self, h: Tensor, keys: Tensor) -> Tensor:
+        """alpha [B,T,1] in [0,1]."""
+        if not isinstance(self.gate, str):
+            return h.new_full((*h.shape[:-1], 1), float(self.gate))
+        score = (self.norm_query(h) * self.norm_key(keys)).sum(dim=-1, keepdim=True) / math.sqrt(self.dim)
+        if self.config.signed_sqrt:
+            score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
+        return torch.sigmoid(score)
+
+    def forward(self, h: Tensor, history: Tensor, positions: Tensor, labels: Tensor | None,
+                code_map: Tensor | None = None, conv_tail: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(Y [B,T,dim], new conv tail [B,tail,dim] or None). `conv_tail` holds the normalised values of the
+        positions just before these (zeros, i.e. None, at the start of a sequence)."""
+        batch, length, _ = h.shape
+        if self.gate == "off":
+            values = h.new_zeros(batch, length, self.dim)
+        else:
+            memory = self.table(self.rows(history, positions, labels, code_map)).flatten(-2)  # [B,T,d_mem]
+            memory = memory.to(h.dtype)
+            values = self.gate_values(h, self.key_proj(memory)) * self.value_proj(memory)
+        if not self.config.use_conv:
+            return values, None
+        normed = self.conv_norm(values)
+        if conv_tail is None:
+            conv_tail = normed.new_zeros(batch, self.tail_len, self.dim)
+        window = torch.cat([conv_tail.to(normed.dtype), normed], dim=1)  # [B, tail + T, dim]
+        # A 'valid' conv over tail + chunk is the causal conv of the whole sequence at these positions.
+        mixed = self.conv(window.transpose(1, 2)).transpose(1, 2)
+        return values + F.silu(mixed), window[:, window.shape[1] - self.tail_len:]

@@ -1,0 +1,220 @@
+"""Engram-2D hashing: image tokens -> row ids of each Engram layer's table (DESIGN.md section 3).
+
+Pure functions on torch int64 tensors (on the input's device, no state, deterministic across processes):
+
+- `neighbor_ids` reads the causal neighbourhood of each target cell (2d grid offsets or raster offsets),
+  with `pad_id` for cells outside the image;
+- `make_hash_params` draws the per-layer odd multipliers and the distinct per-head primes;
+- `hash_rows` mixes the neighbour ids (optionally through a code map and with the class label) into one
+  global row id per head of a layer's single table.
+
+Sequence convention: model position p (0 = class token, p >= 1 = image token p-1) predicts image token p at
+grid cell divmod(p, W), so the neighbourhood of position p only reads image tokens q < p. Holding the tables,
+the lookup and the fusion is `engram.py`; keeping `HashParams` in the checkpoint is the model's job; fitting
+the code map is `code_map.py`.
+"""
+
+# Follows DeepSeek's Engram reference (arXiv 2601.07372): odd multipliers from
+# numpy default_rng(seed + 10007 * layer) bounded so products never overflow int64, XOR mixing, and
+# distinct primes found by a "next unused prime" search per head.
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engram_vision.config import EngramConfig, neighbor_offset
+
+_LAYER_SEED_STRIDE = 10007  # DeepSeek's PRIME_1: decorrelates the multipliers of different layers
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True, eq=False)
+class HashParams:
+    """Hash constants of one Engram layer (CPU tensors from `make_hash_params`; `.to(device)` to move)."""
+
+    layer: int
+    """0-indexed Transformer block of this Engram layer."""
+    multipliers: torch.Tensor
+    """int64 [max_slots + 1]: odd multiplier per neighbour slot; the last one is the class label's."""
+    primes: torch.Tensor
+    """int64 [num_heads]: rows of each head, order-major (order 0's heads first); distinct over all layers."""
+    offsets: torch.Tensor
+    """int64 [num_heads]: first row of each head in the layer's single table (exclusive cumsum of primes)."""
+    total_rows: int
+    """Rows of the layer's table (sum of primes)."""
+
+    def to(self, device: torch.device | str) -> HashParams:
+        """The same constants with the tensors on `device` (a new object; this one is unchanged)."""
+        return HashParams(self.layer, self.multipliers.to(device), self.primes.to(device),
+                          self.offsets.to(device), self.total_rows)
+
+
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin, exact for every n < 3.3e24 (far beyond any table size)."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _next_unused_prime(start: int, used: set[int]) -> int:
+    """Smallest prime > start that is not in `used`."""
+    candidate = start + 1
+    while not (_is_prime(candidate) and candidate not in used):
+        candidate += 1
+    return candidate
+
+
+def hashable_id_bound(config: EngramConfig, vocab_size: int, num_classes: int) -> int:
+    """V' = largest id that can be hashed + 1: the (canonical) codes, PAD, and the labels when hashed."""
+    num_ids = config.code_map if config.code_map is not None else vocab_size
+    return max(num_ids + 1, num_classes + 1 if config.hash_label else 0)
+
+
+def make_hash_params(config: EngramConfig, vocab_size: int, num_classes: int) -> dict[int, HashParams]:
+    """Multipliers and primes of every Engram layer, keyed by layer id (in `config.layers` order).
+
+    Multipliers of layer l: default_rng(hash_seed + 10007 l), odd, < (2**63 - 1) // V'. Primes: per layer,
+    order and head the smallest unused prime above a search start that begins at rows_per_head - 1 per
+    order and moves to each found prime, so all primes are distinct over heads and layers.
+    """
+    if vocab_size < 1 or num_classes < 1:
+        raise ValueError(f"make_hash_params: vocab_size={vocab_size} and num_classes={num_classes} must be >= 1")
+    m_max = _INT64_MAX // hashable_id_bound(config, vocab_size, num_classes)
+    half_bound = max(1, m_max // 2)
+    num_slots = max(len(order) for order in config.neighborhoods) + 1  # + the class-label slot
+    used: set[int] = set()
+    params: dict[int, HashParams] = {}
+    for layer in config.layers:
+        rng = np.random.default_rng(config.hash_seed + _LAYER_SEED_STRIDE * layer)
+        multipliers = rng.integers(0, half_bound, size=num_slots, dtype=np.int64) * 2 + 1
+        primes: list[int] = []
+        for _ in range(config.num_orders):
+            search_start = config.rows_per_head - 1
+            for _ in range(config.heads_per_order):
+                search_start = _next_unused_prime(search_start, used)
+                used.add(search_start)
+                primes.append(search_start)
+        offsets = np.concatenate([[0], np.cumsum(primes)[:-1]]).astype(np.int64)
+        params[layer] = HashParams(layer=layer, multipliers=torch.from_numpy(multipliers),
+                                   primes=torch.tensor(primes, dtype=torch.int64),
+                                   offsets=torch.from_numpy(offsets), total_rows=int(sum(primes)))
+    return params
+
+
+def _check_positions(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]) -> None:
+    """Targets must be grid cells and the history must hold every token before them (q <= p - 1)."""
+    if history.dim() != 2 or positions.dim() != 1:
+        raise ValueError(f"neighbor_ids: history must be [B,N] and positions [P], got "
+                         f"{tuple(history.shape)} and {tuple(positions.shape)}")
+    if positions.numel() == 0 or positions.device.type == "meta":
+        return
+    cells, length = grid[0] * grid[1], history.shape[1]
+    if positions.device.type == "cpu":
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= cells:
+            raise ValueError(f"neighbor_ids: positions span [{low}, {high}], outside the {grid} grid's cells")
+        if high > length:
+            raise ValueError(f"neighbor_ids: position {high} needs {high} tokens of history, got {length}")
+    else:
+        # No host sync on accelerators (it would stall every decode step); a violation is a programming
+        # error and surfaces at the next kernel launch.
+        ok = (positions.min() >= 0) & (positions.max() < cells) & (positions.max() <= length)
+        torch._assert_async(ok, "neighbor_ids: positions outside the grid or beyond the history")
+
+
+def neighbor_ids(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
+                 offsets: Sequence[tuple[int, int]] | Sequence[int], mode: str, pad_id: int) -> torch.Tensor:
+    """Tokens of the causal neighbourhood of each target cell.
+
+    history: int [B,N] image tokens (entries at index >= max(positions) are never read, so a partly filled
+    decode buffer is fine); positions: int [P] target cells p (cell (r, c) = divmod(p, W)); offsets: (dr, dc)
+    per neighbour in `2d` mode, k >= 1 (index p - k, crossing row ends) in `raster` mode.
+    Returns int64 [B,P,n]: the token at each neighbour, `pad_id` where it lies outside the image.
+    """
+    _check_positions(history, positions, grid)
+    width = grid[1]
+    positions = positions.to(history.device).long()  # rows come back on the history's device
+    rows, cols = positions // width, positions % width
+    index = []  # per neighbour: 1 + history index, or 0 for "outside" (the pad column below)
+    for offset in offsets:  # a handful of neighbours; everything per position is vectorised
+        if mode == "2d":
+            d_row, d_col = offset  # type: ignore[misc]
+            if not (d_row < 0 or (d_row == 0 and d_col < 0)):  # a later cell would break prefix invariance
+                raise ValueError(f"neighbor_ids: 2d offset {offset} is not strictly before the target")
+            row, col = rows + d_row, cols + d_col
+            inside = (row >= 0) & (col >= 0) & (col < width)
+            index.append(torch.where(inside, row * width + col + 1, 0))
+        elif mode == "raster":
+            if isinstance(offset, tuple) or int(offset) < 1:
+                raise ValueError(f"neighbor_ids: raster offset {offset} must be an int k >= 1")
+            source = positions - int(offset)
+            index.append(torch.where(source >= 0, source + 1, 0))
+        else:
+            raise ValueError(f"neighbor_ids: mode must be '2d' or 'raster', got {mode!r}")
+    gather = torch.stack(index, dim=-1)  # [P,n]
+    # A leading pad column turns "outside" into an ordinary read and also serves an empty history.
+    pad = torch.full((history.shape[0], 1), pad_id, dtype=torch.int64, device=history.device)
+    padded = torch.cat([pad, history.long()], dim=1)  # [B,N+1]
+    return padded[:, gather]  # [B,P,n]
+
+
+def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
+              grid: tuple[int, int], config: EngramConfig, params: HashParams, pad_id: int,
+              code_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Global row ids of one Engram layer's table for each target position and head.
+
+    tokens_history: int [B,N] image tokens (raw codes, PAD = pad_id); positions: int [P] target cells;
+    labels: int [B] class ids (num_classes = null label), used only when `config.hash_label`;
+    code_map: int [num_codes + 1] raw id (pad_id included) -> canonical id (PAD -> config.code_map),
+    required exactly when `config.code_map` is set. Returns int64 [B,P,num_heads] with head k of order o
+    (k counted over all orders, order-major) in [offsets[k], offsets[k] + primes[k]).
+    """
+    if (code_map is None) != (config.code_map is None):
+        raise ValueError(f"hash_rows: config.code_map={config.code_map} needs a code_map tensor exactly when "
+                         f"set (got {'none' if code_map is None else 'one'}); unmapped ids would break the "
+                         f"multiplier bound")
+    device = tokens_history.device
+    multipliers = params.multipliers.to(device)
+    mixes = []
+    for order in config.neighborhoods:
+        offsets = [neighbor_offset(spec, config.mode) for spec in order]
+        ids = neighbor_ids(tokens_history, positions, grid, offsets, config.mode, pad_id)  # [B,P,n]
+        if code_map is not None:
+            ids = code_map.to(device)[ids]
+        products = ids * multipliers[: ids.shape[-1]]
+        mix = products[..., 0]
+        for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
+            mix = mix ^ products[..., slot]
+        mixes.append(mix)
+    mix = torch.stack(mixes, dim=-1)  # [B,P,orders]
+    if config.hash_label:
+        if labels is None:
+            raise ValueError("hash_rows: config.hash_label is set but labels is None")
+        mix = mix ^ (labels.to(device).long() * multipliers[-1])[:, None, None]
+    # The products are non-negative and below 2**63, so the XOR is too and `%` is the plain modulus.
+    mix = mix.repeat_interleave(config.heads_per_order, dim=-1)  # [B,P,num_heads]
+    return mix % params.primes.to(device) + params.offsets.to(device)
+
+
+__all__ = ["HashParams", "hash_rows", "hashable_id_bound", "make_hash_params", "neighbor_ids"]

@@ -1,0 +1,151 @@
+"""`EngramGPT`: LlamaGen's class-conditional Transformer with optional Engram-2D layers.
+
+One `forward(tokens, labels, state=None)` serves training (whole sequence, causal), prefill and decode
+(with a `DecodeState`, which the model writes into; the model itself never changes in forward). Parameter
+names match LlamaGen's c2i GPT, so a baseline loads their checkpoints strictly (`checkpoint.py`).
+Sampling loops are `sample/generate.py`; optimizer groups `param_groups.py`; interventions `interventions.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from engram_vision.attention import Attention
+from engram_vision.cache import DecodeState
+from engram_vision.config import ModelConfig
+from engram_vision.engram import EngramMemory
+from engram_vision.hashing import make_hash_params
+from engram_vision.layers import FeedForward, LabelEmbedder, RMSNorm, rope_2d_table
+
+
+class Block(nn.Module):
+    """[Engram ->] attention -> SwiGLU, pre-norm residuals (the unit FSDP wraps)."""
+
+    def __init__(self, config: ModelConfig, engram: EngramMemory | None = None):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden, config.ffn_dropout_p)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.engram = engram
+
+    def forward(self, h: Tensor, rope: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
+                engram_args: dict | None = None) -> tuple[Tensor, Tensor | None]:
+        tail = None
+        if self.engram is not None:
+            update, tail = self.engram(h, **engram_args)
+            h = h + update
+        h = h + self.attention(self.attention_norm(h), rope, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h)), tail
+
+
+class EngramGPT(nn.Module):
+    """Sequence: position 0 = class token, position p >= 1 = image token p-1; logits at p predict token p."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        engram = config.engram
+        if engram is not None and engram.table_device == "host":
+            raise ValueError("EngramConfig.table_device='host' (pinned host tables) is not implemented yet")
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        hash_params = make_hash_params(engram, config.vocab_size, config.num_classes) if engram else {}
+        self.layers = nn.ModuleList(
+            Block(config, EngramMemory(engram, config, hash_params[i]) if i in hash_params else None)
+            for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("rope", rope_2d_table(config.grid, config.head_dim, config.rope_base,
+                                                   config.cls_token_num, config.rope_zero_class), persistent=False)
+        if engram is not None and engram.code_map is not None:
+            # Identity-like until the training stage fits it to the tokenizer (engram_vision.code_map).
+            code_map = torch.cat([torch.arange(config.vocab_size) % engram.code_map, torch.tensor([engram.code_map])])
+            self.register_buffer("code_map", code_map)
+        else:
+            self.code_map = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LlamaGen's init: linear and embedding weights N(0, std), output head zero; Engram tables N(0,1)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+        nn.init.zeros_(self.output.weight)
+        for memory in self.engram_layers():
+            memory.reset_parameters()
+
+    @torch.no_grad()
+    def set_code_map(self, code_map: Tensor) -> None:
+        """Install a code map [vocab_size + 1] (e.g. `engram_vision.code_map.fit_code_map` of the tokenizer's
+        codebook): raw ids, PAD included, to canonical ids in [0, EngramConfig.code_map]."""
+        engram = self.config.engram
+        if engram is None or engram.code_map is None:
+            raise ValueError("set_code_map needs EngramConfig.code_map (the number of canonical ids) to be set")
+        expected = (self.config.vocab_size + 1,)
+        if tuple(code_map.shape) != expected:
+            raise ValueError(f"code map must have shape {expected} (codes + PAD), got {tuple(code_map.shape)}")
+        if int(code_map.min()) < 0 or int(code_map.max()) > engram.code_map or int(code_map[-1]) != engram.code_map:
+            raise ValueError(f"code map values must lie in [0, {engram.code_map}] with PAD -> {engram.code_map}")
+        self.code_map.copy_(code_map.to(self.code_map))
+
+    def engram_layers(self) -> list[EngramMemory]:
+        return [block.engram for block in self.layers if block.engram is not None]
+
+    def _check_inputs(self, tokens: Tensor, labels: Tensor) -> None:
+        c = self.config
+        if tokens.ndim != 2 or labels.ndim != 1 or labels.shape[0] != tokens.shape[0]:
+            raise ValueError(f"tokens must be [B,T] and labels [B]; got {tuple(tokens.shape)} and {tuple(labels.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {c.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        top = c.num_classes + int(self.cls_embedding.has_null) - 1
+        if int(labels.min()) < 0 or int(labels.max()) > top:
+            raise ValueError(f"labels must lie in [0, {top}] ({c.num_classes} = null label"
+                             f"{'' if self.cls_embedding.has_null else ', absent: class_dropout_prob is 0'}); "
+                             f"got [{int(labels.min())}, {int(labels.max())}]")
+
+    def forward(self, tokens: Tensor, labels: Tensor, state: DecodeState | None = None,
+                engram_tokens: Tensor | None = None) -> Tensor:
+        """Logits [B, positions, vocab] in float32.
+
+        Without `state`: tokens [B,T] (T <= block_size - 1) are the inputs after the class token; returns
+        T + 1 positions (training: targets are the T + 1 image tokens). With `state`: continues at
+        `state.pos` (the class token is added when it is 0) and writes the caches; returns the new positions.
+        engram_tokens [B,T]: a donor sequence the Engram layers hash instead of `tokens` (probes only).
+        """
+        c = self.config
+        start = 0 if state is None else state.pos
+        if start == 0:
+            self._check_inputs(tokens, labels)
+            embeddings = torch.cat([self.cls_embedding(labels, drop=self.training), self.tok_embeddings(tokens)], 1)
+        else:
+            embeddings = self.tok_embeddings(tokens)
+        length = embeddings.shape[1]
+        if start + length > c.seq_len:
+            raise ValueError(f"sequence of {start + length} positions exceeds the model's {c.seq_len}")
+        history = tokens
+        if state is not None:
+            first = max(start - 1, 0)
+            state.tokens[:, first:first + tokens.shape[1]] = tokens
+            history = state.tokens
+        if engram_tokens is not None:
+            if state is not None or engram_tokens.shape != tokens.shape:
+                raise ValueError("engram_tokens must match tokens' shape and is only used without a state")
+            history = engram_tokens
+        positions = torch.arange(start, start + length, device=tokens.device)
+        engram_args = {"history": history, "positions": positions, "labels": labels, "code_map": self.code_map}
+        h = self.tok_dropout(embeddings)
+        rope = self.rope[start:start + length]
+        for index, block in enumerate(self.layers):
+            cache = None if state is None else (state.keys[index], state.values[index])
+            if block.engram is not None:
+                engram_args["conv_tail"] = None if state is None else state.conv_tails.get(index)
+            h, tail = block(h, rope, cache, start, engram_args if block.engram is not None else None)
+            if state is not None and tail is not None:
+                state.conv_tails[index] = tail
+        if state is not None:
+            state.pos = start + length
+        return self.output(self.norm(h)).float()

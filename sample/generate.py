@@ -1,0 +1,74 @@
+"""Autoregressive generation with a KV cache: `prefill`, `decode_one_token`, `generate`.
+
+Classifier-free guidance runs the conditional and unconditional halves as one batch of 2B and mixes their
+logits once per step (`sampling.cfg_mix`); token choice is `sampling.sample_next` with an explicit
+generator. Follows LlamaGen's generate (c2i, CFG on raw logits) and gpt-fast's prefill/decode split.
+The model and its cache are `engram_vision`; writing images is `sample/__main__.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engram_vision.cache import DecodeState
+from engram_vision.model import EngramGPT
+from sample.sampling import SamplingConfig, cfg_mix, cfg_scale_at, sample_next
+
+
+def guided_labels(model: EngramGPT, labels: Tensor, sampling: SamplingConfig) -> Tensor:
+    """labels [B] -> [2B] (conditional, then the null label) under CFG, else unchanged."""
+    if not sampling.uses_cfg:
+        return labels
+    if not model.cls_embedding.has_null:
+        raise ValueError("cfg_scale != 1 needs a null label, but the model has none (class_dropout_prob = 0)")
+    return torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
+
+
+def _next_token(logits: Tensor, step: int, num_steps: int, sampling: SamplingConfig,
+                rng: torch.Generator) -> Tensor:
+    """Last-position logits [B or 2B, V] -> tokens [B], mixing the CFG halves when present."""
+    if sampling.uses_cfg:
+        cond, uncond = logits.chunk(2, dim=0)
+        logits = cfg_mix(cond, uncond, cfg_scale_at(step, num_steps, sampling))
+    return sample_next(logits, sampling, rng)
+
+
+@torch.no_grad()
+def prefill(model: EngramGPT, labels: Tensor, state: DecodeState, sampling: SamplingConfig,
+            rng: torch.Generator, num_steps: int) -> Tensor:
+    """Run the class token (position 0) into a fresh `state`; returns the first image tokens [B].
+
+    num_steps: tokens the whole generation will sample (the CFG schedule's length)."""
+    batch_labels = guided_labels(model, labels, sampling)
+    empty = torch.zeros(batch_labels.shape[0], 0, dtype=torch.long, device=labels.device)
+    logits = model(empty, batch_labels, state)
+    return _next_token(logits[:, -1], 0, num_steps, sampling, rng)
+
+
+@torch.no_grad()
+def decode_one_token(model: EngramGPT, token: Tensor, labels: Tensor, state: DecodeState, step: int,
+                     num_steps: int, sampling: SamplingConfig, rng: torch.Generator) -> Tensor:
+    """Feed image token `step - 1` ([B]) at position `state.pos`; returns image token `step` [B]."""
+    batch_labels = guided_labels(model, labels, sampling)
+    inputs = token[:, None].repeat(batch_labels.shape[0] // token.shape[0], 1)
+    logits = model(inputs, batch_labels, state)
+    return _next_token(logits[:, -1], step, num_steps, sampling, rng)
+
+
+@torch.no_grad()
+def generate(model: EngramGPT, labels: Tensor, sampling: SamplingConfig, rng: torch.Generator,
+             num_tokens: int | None = None) -> Tensor:
+    """Sample image tokens [B, num_tokens] (default: the whole grid) for class `labels` [B]."""
+    config = model.config
+    num_tokens = config.block_size if num_tokens is None else num_tokens
+    if not 1 <= num_tokens <= config.block_size:
+        raise ValueError(f"num_tokens must be in [1, {config.block_size}], got {num_tokens}")
+    rows = labels.shape[0] * (2 if sampling.uses_cfg else 1)
+    dtype = next(model.parameters()).dtype
+    state = DecodeState.allocate(config, rows, device=labels.device, dtype=dtype)
+    out = torch.empty(labels.shape[0], num_tokens, dtype=torch.long, device=labels.device)
+    out[:, 0] = prefill(model, labels, state, sampling, rng, num_tokens)
+    for step in range(1, num_tokens):
+        out[:, step] = decode_one_token(model, out[:, step - 1], labels, state, step, num_tokens, sampling, rng)
+    return out

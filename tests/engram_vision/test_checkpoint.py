@@ -1,0 +1,44 @@
+"""AR-prior weights on disk: LlamaGen .pt (strict, safe, rebuilt buffers ignored) and our safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+import model_factories as helpers
+import pytest
+import torch
+
+from engram_vision.checkpoint import load_any_gpt, load_gpt, load_llamagen_gpt, save_gpt
+from engram_vision.config import ModelConfig
+
+
+def test_llamagen_file_with_namespace_and_rebuilt_buffers_loads(reference_dir, tmp_path):
+    state = torch.load(reference_dir / "gpt_tiny.pt", weights_only=True)["model"]
+    state = dict(state, freqs_cis=torch.zeros(17, 8, 2), **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1)})
+    path = tmp_path / "c2i_tiny.pt"
+    torch.save({"model": state, "args": argparse.Namespace(gpt_model="GPT-tiny")}, path)
+    config = ModelConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=16, multiple_of=32)
+    model = load_llamagen_gpt(path, config)
+    expected = torch.load(reference_dir / "gpt_tiny_expected.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(expected["tokens"][:, :-1], expected["labels"])
+    assert float((logits - expected["logits"]).abs().max()) < 1e-5 * float(expected["logits"].abs().max())
+
+
+def test_llamagen_file_into_an_engram_config_names_the_missing_keys(reference_dir):
+    with pytest.raises(ValueError, match="missing: layers.0.engram"):
+        load_llamagen_gpt(reference_dir / "gpt_tiny.pt", helpers.tiny_config())
+
+
+def test_safetensors_round_trip_keeps_hash_constants_and_outputs(tmp_path):
+    model = helpers.random_model(helpers.tiny_config())
+    save_gpt(model, tmp_path / "gpt")
+    loaded = load_any_gpt(tmp_path / "gpt")
+    assert loaded.config == model.config
+    tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, labels), model(tokens, labels))
+    for ours, theirs in zip(model.engram_layers(), loaded.engram_layers(), strict=True):
+        assert torch.equal(ours.multipliers, theirs.multipliers) and torch.equal(ours.primes, theirs.primes)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_gpt(tmp_path)
