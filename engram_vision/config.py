@@ -154,7 +154,7 @@ class ModelConfig:
     block_size: int = 256
     """Image tokens per sample (= grid rows x columns)."""
     grid: tuple[int, int] | None = None
-    """(rows, columns) of the token grid; None: a square grid of block_size."""
+    """(rows, columns) of the token grid; None: a square grid of block_size (see `token_grid`)."""
     cls_token_num: int = 1
     """Class-token positions in front of the image tokens (LlamaGen c2i uses 1)."""
     class_dropout_prob: float = 0.1
@@ -175,20 +175,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.engram, dict):
             object.__setattr__(self, "engram", EngramConfig(**self.engram))
-        if self.grid is None:
-            side = math.isqrt(self.block_size)
-            if side * side != self.block_size:
-                raise ValueError(f"ModelConfig.block_size={self.block_size} is not square: set grid=(rows, cols)")
-            object.__setattr__(self, "grid", (side, side))
-        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-        if len(self.grid) != 2 or self.grid[0] * self.grid[1] != self.block_size:
-            raise ValueError(f"ModelConfig.grid={self.grid} does not match block_size={self.block_size}")
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+            if len(self.grid) != 2 or self.grid[0] * self.grid[1] != self.block_size:
+                raise ValueError(f"ModelConfig.grid={self.grid} does not match block_size={self.block_size}")
+        elif math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ValueError(f"ModelConfig.block_size={self.block_size} is not square: set grid=(rows, cols)")
         for name in ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "multiple_of", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_head or (self.dim // self.n_head) % 2:
             raise ValueError(f"ModelConfig.dim={self.dim} must split into n_head={self.n_head} heads of even size")
-        if (self.dim // self.n_head) % 4 and self.grid[0] > 1:
+        if (self.dim // self.n_head) % 4 and self.token_grid[0] > 1:
             raise ValueError(f"ModelConfig: head_dim={self.dim // self.n_head} must be divisible by 4 for 2D RoPE")
         n_kv = self.n_kv_head or self.n_head
         if self.n_head % n_kv:
@@ -202,6 +200,14 @@ class ModelConfig:
             bad = [layer for layer in self.engram.layers if layer >= self.n_layer]
             if bad:
                 raise ValueError(f"EngramConfig.layers {bad} are beyond the model depth n_layer={self.n_layer}")
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the token grid: `grid`, or the square of side sqrt(block_size)."""
+        if self.grid is not None:
+            return self.grid
+        side = math.isqrt(self.block_size)
+        return side, side
 
     @property
     def head_dim(self) -> int:

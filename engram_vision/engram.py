@@ -26,7 +26,7 @@ class EngramMemory(nn.Module):
         super().__init__()
         self.config = config
         self.layer_id = params.layer
-        self.grid = model.grid
+        self.grid = model.token_grid
         self.pad_id = model.vocab_size
         self.dim = model.dim
         self.gate: str | float = config.gate
@@ -40,6 +40,9 @@ class EngramMemory(nn.Module):
         self.value_proj = nn.Linear(config.memory_dim, model.dim, bias=False)
         self.norm_query = RMSNorm(model.dim, model.norm_eps)
         self.norm_key = RMSNorm(model.dim, model.norm_eps)
+        # Identity on the gate values [B,T,1]: a place for forward hooks (training logs gate statistics)
+        # without the module recording anything itself.
+        self.gate_probe = nn.Identity()
         self.tail_len = (config.conv_kernel - 1) * config.conv_dilation if config.use_conv else 0
         if config.use_conv:
             self.conv_norm = RMSNorm(model.dim, model.norm_eps)
@@ -81,7 +84,7 @@ class EngramMemory(nn.Module):
         else:
             memory = self.table(self.rows(history, positions, labels, code_map)).flatten(-2)  # [B,T,d_mem]
             memory = memory.to(h.dtype)
-            values = self.gate_values(h, self.key_proj(memory)) * self.value_proj(memory)
+            values = self.gate_probe(self.gate_values(h, self.key_proj(memory))) * self.value_proj(memory)
         if not self.config.use_conv:
             return values, None
         normed = self.conv_norm(values)

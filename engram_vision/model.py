@@ -58,7 +58,7 @@ class EngramGPT(nn.Module):
             for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.register_buffer("rope", rope_2d_table(config.grid, config.head_dim, config.rope_base,
+        self.register_buffer("rope", rope_2d_table(config.token_grid, config.head_dim, config.rope_base,
                                                    config.cls_token_num, config.rope_zero_class), persistent=False)
         if engram is not None and engram.code_map is not None:
             # Identity-like until the training stage fits it to the tokenizer (engram_vision.code_map).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -16,8 +17,10 @@ from train.cli import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/<folder>/ -> the train stage whose CLI reads it
-STAGE_OF_FOLDER = {"vq": "tokenizer"}
+STAGE_OF_FOLDER = {"vq": "tokenizer", "ar": "ar", "strategy": "ar"}
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# Partial configs (a strategy) are checked on top of this full one.
+BASE_OF_PARTIAL = {"strategy": REPO / "configs" / "ar" / "digits_baseline.yaml"}
 
 
 class _ParseOnly(LightningCLI):
@@ -50,14 +53,59 @@ def test_config_parses_and_builds_on_meta(path, fake_lpips_hub, monkeypatch):
     if stage is None:
         pytest.fail(f"{path} is in a configs/ folder no test knows; add it to STAGE_OF_FOLDER")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(fake_lpips_hub))
-    cli = _ParseOnly(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, run=False,
-                     args=["--config", str(path)])
+    base = BASE_OF_PARTIAL.get(path.parent.name)
+    args = (["--config", str(base)] if base else []) + ["--config", str(path)]
+    cli = _ParseOnly(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
     with torch.device("meta"):
         built = cli.parser.instantiate_classes(cli.config)
     model = built["model"]
     # Every field the YAML sets reaches the built model's config.
-    for field, value in yaml.safe_load(path.read_text())["model"].get("tokenizer", {}).items():
+    section = yaml.safe_load((base or path).read_text())["model"]
+    for field, value in (section.get("tokenizer") or section.get("model") or {}).items():
         got = getattr(model.model.config, field)
+        if field == "engram" and value is not None:
+            got, value = got.layers, value["layers"]
         assert (list(got) if isinstance(got, tuple) else got) == value, field
     assert sum(p.numel() for p in model.model.parameters()) > 0
     assert isinstance(built["data"], L.LightningDataModule)
+
+
+AR_CONFIGS = sorted((REPO / "configs" / "ar").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", AR_CONFIGS, ids=lambda p: p.stem)
+def test_ar_config_counts_match_its_name(path):
+    """gpt_b_* configs have GPT-B's parameter count (digits_* the digits baseline's) within 1%, `rhoX` has
+    rho X, `plus_memoryXm` has the baseline's backbone plus X million memory parameters."""
+    import re
+
+    from engram_vision.budget import count_parameters
+    from engram_vision.config import EngramConfig, ModelConfig
+
+    def load(p):
+        spec = yaml.safe_load(p.read_text())["model"]["model"]
+        engram = spec.pop("engram")
+        return ModelConfig(**spec, engram=EngramConfig(**engram) if engram else None)
+
+    family = path.stem.split("_engram")[0].split("_plus")[0].removesuffix("_baseline")
+    baseline = count_parameters(load(path.parent / f"{family}_baseline.yaml"))
+    if family.startswith("gpt_b"):
+        assert baseline.total == 110_888_448
+    config = load(path)
+    counts = count_parameters(config)
+    if (plus := re.search(r"plus_memory([\d.]+)m", path.stem)) is not None:
+        assert count_parameters(dataclasses.replace(config, engram=None)).total == baseline.total
+        assert counts.memory == pytest.approx(float(plus.group(1)) * 1e6, rel=0.01)
+        return
+    assert counts.total == pytest.approx(baseline.total, rel=0.01)
+    if (rho := re.search(r"rho([\d.]+)", path.stem)) is not None:
+        assert counts.rho == pytest.approx(float(rho.group(1)), abs=0.01 if family.startswith("gpt_b") else 0.05)
+
+
+def test_ar_configs_are_what_the_generator_writes(tmp_path):
+    from train.make_ar_configs import write_all
+
+    written = write_all(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in AR_CONFIGS)
+    for path in written:
+        assert path.read_text() == (REPO / "configs" / "ar" / path.name).read_text(), path.name

@@ -19,8 +19,14 @@ def _tokenizer_module() -> type[L.LightningModule]:
     return LitVQ
 
 
+def _ar_module() -> type[L.LightningModule]:
+    from train.lit_ar import LitAR
+
+    return LitAR
+
+
 # stage name -> factory of its LightningModule class (imported lazily so `--help` stays fast)
-STAGES: dict[str, Callable[[], type[L.LightningModule]]] = {"tokenizer": _tokenizer_module}
+STAGES: dict[str, Callable[[], type[L.LightningModule]]] = {"tokenizer": _tokenizer_module, "ar": _ar_module}
 
 
 def run_stage(stage: str, args: list[str]) -> LightningCLI:

@@ -4,7 +4,8 @@ Every loader yields `(images, labels)`: images float32 [B,3,S,S] in [-1,1], labe
 truncated image never crashes a run: it is skipped, a `CorruptImageWarning` names it, and the module's
 `skipped_images` counts it (summed over DataLoader workers through a shared-memory tensor). Decoding
 and cropping live in `train.transforms`, the digits in `train.digits`, shard writing in
-`train.write_shards`; token shards and the models are other modules' business.
+`train.write_shards`. `views_dataset(split, views)` gives the deterministic views that token extraction
+encodes (datasets in `train.image_views`); token shards and the models are other modules' business.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from train import digits
+from train.image_views import DigitsViews, FolderViews, TarViews, ViewsDataset
 from train.transforms import (
     UNREADABLE_IMAGE_ERRORS,
     CorruptImageWarning,
     ImageTransformConfig,
+    ViewMode,
     eval_transform,
     open_rgb,
     train_transform,
@@ -147,6 +150,10 @@ class DigitsDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return _loader(_DigitsDataset("val", False), self.batch_size, self.num_workers, shuffle=False)
 
+    def views_dataset(self, split: Literal["train", "val"], views: ViewMode) -> ViewsDataset:
+        """Deterministic views of a split for token extraction (index = position in the split)."""
+        return DigitsViews(split, views)
+
 
 class ImageFolderDataModule(LightningDataModule):
     """An ImageNet-layout tree `root/{train_dir,val_dir}/<class>/<image>`, via torchvision's ImageFolder.
@@ -211,6 +218,13 @@ class ImageFolderDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_dir is None else self._dataloader(self.val_dir, train=False)
+
+    def views_dataset(self, split: Literal["train", "val"], views: ViewMode) -> ViewsDataset:
+        """Deterministic views of a split for token extraction (index = ImageFolder position)."""
+        split_dir = self.train_dir if split == "train" else self.val_dir
+        if split_dir is None:
+            raise ValueError(f"{type(self).__name__} has no {split} split (val_dir is None)")
+        return FolderViews(self.root / split_dir, self.image_size, views, self.skip_counter)
 
 
 def _is_local(url: str) -> bool:
@@ -358,3 +372,10 @@ class ImageShardsDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_shards is None else self._dataloader(self.val_shards, train=False)
+
+    def views_dataset(self, split: Literal["train", "val"], views: ViewMode) -> ViewsDataset:
+        """Deterministic views of a split for token extraction (index = the integer `__key__`)."""
+        spec = self.train_shards if split == "train" else self.val_shards
+        if spec is None:
+            raise ValueError(f"{type(self).__name__} has no {split} split (val_shards is None)")
+        return TarViews(shard_urls(spec), self.image_size, views, self.skip_counter)

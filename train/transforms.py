@@ -3,8 +3,9 @@
 `open_rgb` decodes strictly (truncated files raise, listed in `UNREADABLE_IMAGE_ERRORS`). Two crops are
 offered: ADM's deterministic centre crop (the reference for FID and token extraction) and LlamaGen's
 random crop (scale augmentation for tokenizer / AR training), each optionally followed by a horizontal
-flip. Skipping and counting bad files is left to `train.image_data` and `train.write_shards`; batching to
-the DataLoader. Kept free of Lightning so the shard writer starts quickly.
+flip; and the deterministic views of token extraction (centre, centre + flip, LlamaGen's ten-crop).
+Skipping and counting bad files is left to `train.image_data` and `train.write_shards`; batching to the
+DataLoader. Kept free of Lightning so the shard writer starts quickly.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ __all__ = [
     "random_crop_arr",
     "train_transform",
     "eval_transform",
+    "ViewMode",
+    "NUM_VIEWS",
+    "view_crops",
+    "view_stack",
+    "pil_to_signed",
+    "image_views",
 ]
 
 
@@ -177,3 +184,49 @@ def train_transform(cfg: ImageTransformConfig) -> v2.Compose:
 def eval_transform(cfg: ImageTransformConfig) -> v2.Compose:
     """Evaluation pipeline: ADM centre crop, never flipped, then to [-1,1]."""
     return v2.Compose([CenterCropArr(cfg.image_size), *_to_signed_tensor()])
+
+
+# ---------------------------------------------------------------------------------- deterministic views
+ViewMode = Literal["center", "center_flip", "ten_crop"]
+NUM_VIEWS: dict[str, int] = {"center": 1, "center_flip": 2, "ten_crop": 10}
+TEN_CROP_RANGE = 1.1  # ten-crop: the short side is resized to 1.1 x S before the five S x S crops
+
+
+def view_crops(image: Image.Image, image_size: int, views: ViewMode) -> list[Image.Image]:
+    """The unflipped crops of a token-extraction view mode, centre crop first.
+
+    `center` and `center_flip`: [ADM centre crop]. `ten_crop`: ADM centre crop to int(1.1 S), then
+    [centre, top-left, top-right, bottom-left, bottom-right] S x S crops. Flips are added by `view_stack`.
+    """
+    if views not in NUM_VIEWS:
+        raise ValueError(f"views must be one of {sorted(NUM_VIEWS)}, got {views!r}")
+    if views != "ten_crop":
+        return [center_crop_arr(image, image_size)]
+    # Follows FoundationVision/LlamaGen (autoregressive/train/extract_codes_c2i.py, --ten-crop)
+    big = center_crop_arr(image, int(image_size * TEN_CROP_RANGE))
+    w, h, s = big.width, big.height, image_size
+    # torchvision's centre offset rule; the centre leads so that view 0 is the centre view in every mode.
+    cx, cy = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    corners = [(cx, cy), (0, 0), (w - s, 0), (0, h - s), (w - s, h - s)]
+    return [big.crop((x, y, x + s, y + s)) for x, y in corners]
+
+
+def view_stack(crops: list[torch.Tensor], views: ViewMode) -> torch.Tensor:
+    """Crops (each [3,S,S]) -> views [V,3,S,S]: the crops, then (flip modes) their horizontal flips.
+
+    So in `center_flip` and `ten_crop`, view V/2 + k is view k flipped, and view 0 is always the centre.
+    """
+    stacked = torch.stack(crops)
+    if views == "center":
+        return stacked
+    return torch.cat([stacked, stacked.flip(-1)])
+
+
+def pil_to_signed(image: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float32 [3,H,W] in [-1,1], exactly as `eval_transform` converts."""
+    return v2.Compose(_to_signed_tensor())(image)
+
+
+def image_views(image: Image.Image, image_size: int, views: ViewMode) -> torch.Tensor:
+    """Deterministic views of one image for token extraction: float32 [V,3,S,S] in [-1,1]."""
+    return view_stack([pil_to_signed(crop) for crop in view_crops(image, image_size, views)], views)

@@ -1,0 +1,137 @@
+"""`LitAR`: Lightning training of the AR prior (`engram_vision.EngramGPT`) on token batches.
+
+Cross-entropy over all image tokens; AdamW over `engram_vision.param_groups` (Engram tables apart, lr x 5,
+no weight decay, absent when frozen); constant or warmup + cosine schedule; logs loss, bits per token,
+tokens/s and, per Engram layer, the mean and spread of the gate. Gradient clipping and precision are
+Trainer settings; EMA is Lightning's `EMAWeightAveraging` callback (its weights are what checkpoints hold
+and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/token_data.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engram_vision.config import ModelConfig
+from engram_vision.model import EngramGPT
+from engram_vision.param_groups import param_groups
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
+    """LR factor: linear warmup to 1, then cosine to `min_ratio` at `total_steps` (None: stay at 1)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LitAR(L.LightningModule):
+    """Trains `EngramGPT(model)` to predict image tokens given the class.
+
+    Args:
+        model: the Transformer (and Engram) configuration.
+        lr: AdamW learning rate of the backbone (tables get lr x table_lr_multiplier).
+        betas: AdamW betas (LlamaGen: 0.9, 0.95).
+        weight_decay: on matrices and embeddings (LlamaGen: 0.05); norms and tables get their own.
+        schedule: `constant` (LlamaGen) or `cosine` (after warmup, down to min_lr_ratio at total_steps).
+        warmup_steps: linear warmup steps (both schedules).
+        total_steps: length of the cosine schedule; None: the Trainer's estimated total steps.
+        min_lr_ratio: final LR of the cosine schedule as a fraction of lr.
+        compile: torch.compile the model's forward (nn.Module.compile keeps state-dict names).
+        code_map_tokenizer: tokenizer whose codebook the Engram code map is fitted to (k-means), when
+            EngramConfig.code_map is set.
+    """
+
+    def __init__(self, model: ModelConfig = ModelConfig(), lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
+                 weight_decay: float = 0.05, schedule: Literal["constant", "cosine"] = "constant",
+                 warmup_steps: int = 0, total_steps: int | None = None, min_lr_ratio: float = 0.0,
+                 compile: bool = False, code_map_tokenizer: str | None = None):
+        super().__init__()
+        # Checkpoints are read with weights_only=True: hyper-parameters are stored as plain data.
+        model = ModelConfig(**model) if isinstance(model, Mapping) else model
+        if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError("LitAR: need lr > 0, weight_decay >= 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
+        self.save_hyperparameters({"model": model.to_dict(), "lr": lr, "betas": tuple(betas),
+                                   "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
+                                   "total_steps": total_steps, "min_lr_ratio": min_lr_ratio, "compile": compile,
+                                   "code_map_tokenizer": code_map_tokenizer})
+        self.model = EngramGPT(model)
+        if compile:
+            self.model.compile()
+        self._gate_values: dict[int, Tensor] = {}
+        for memory in self.model.engram_layers():
+            memory.gate_probe.register_forward_hook(self._record_gate(memory.layer_id))
+        self._last_step_time: float | None = None
+
+    def _record_gate(self, layer: int):
+        def hook(module, inputs, output: Tensor) -> None:
+            self._gate_values[layer] = output.detach()
+        return hook
+
+    def setup(self, stage: str) -> None:
+        config = self.model.config
+        data = getattr(self.trainer, "datamodule", None)
+        for name, ours in (("vocab_size", config.vocab_size), ("num_classes", config.num_classes),
+                           ("grid", config.token_grid)):
+            theirs = getattr(data, name, None)
+            if theirs is None:
+                continue
+            theirs = tuple(theirs) if name == "grid" else theirs
+            if theirs != ours:
+                raise ValueError(f"model.{name}={ours} does not match the token data's {name}={theirs}")
+        hp = self.hparams
+        if stage == "fit" and hp.code_map_tokenizer and config.engram is not None and config.engram.code_map:
+            from engram_vision.code_map import fit_code_map
+            from tokenizers_vq.checkpoint import load_tokenizer
+
+            codebook = load_tokenizer(hp.code_map_tokenizer).quantize.codebook().detach().cpu()
+            self.model.set_code_map(fit_code_map(codebook, config.engram.code_map))  # a resume reloads it
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self.model, hp.lr, hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
+        if hp.schedule == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        total = hp.total_steps
+        if hp.schedule == "cosine" and total is None:
+            total = int(self.trainer.estimated_stepping_batches)
+        cosine_total = total if hp.schedule == "cosine" else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, cosine_total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _nll(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        logits = self.model(tokens[:, :-1], labels)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        loss = self._nll(tokens, labels)
+        now = time.perf_counter()
+        if self._last_step_time is not None:  # steady-state throughput: tokens per wall second between steps
+            self.log("train/tokens_per_s", tokens.numel() / (now - self._last_step_time))
+        self._last_step_time = now
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bits_per_token", loss.detach() / math.log(2))
+        for layer, gate in self._gate_values.items():
+            self.log(f"gate/layer{layer}_mean", gate.float().mean())
+            self.log(f"gate/layer{layer}_std", gate.float().std())
+        self._gate_values.clear()
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        tokens, labels = batch
+        nll = self._nll(tokens, labels)
+        self.log("val/nll", nll, prog_bar=True, sync_dist=True, batch_size=tokens.shape[0])
+        self.log("val/bits_per_token", nll / math.log(2), sync_dist=True, batch_size=tokens.shape[0])
+        self._gate_values.clear()
