@@ -2,7 +2,8 @@
 
 1. the digits VQ tokenizer (configs/vq/digits.yaml) -> runs/demo/vq/ (reconstructions.png, metrics.json,
    tokenizer/);
-2. token shards of the train (centre + flip views) and val (centre) splits -> runs/demo/tokens/;
+2. token shards of the train and val splits (centre view only: mirrored digits are other glyphs) ->
+   runs/demo/tokens/;
 3. the AR baseline and an iso-parameter Engram model at rho 0.5 (configs/ar/digits_*.yaml, 720 steps
    each, about 2-3 minutes; the best val checkpoint is exported) -> runs/demo/ar/<name>/ (metrics.json,
    samples.png, model/);
@@ -41,10 +42,10 @@ def extract(run_dir: Path) -> Path:
     from train.image_data import DigitsDataModule
 
     tokens = run_dir / "tokens"
-    for split, views in (("train", "center_flip"), ("val", "center")):
+    for split in ("train", "val"):
         if not (tokens / split / "meta.json").is_file():
             extract_tokens(str(run_dir / "vq" / "tokenizer"), DigitsDataModule(batch_size=256), str(tokens / split),
-                           split=split, views=views, shard_size=500, batch_size=256, accelerator="cpu", devices=1)
+                           split=split, views="center", shard_size=500, batch_size=256, accelerator="cpu", devices=1)
     return tokens
 
 

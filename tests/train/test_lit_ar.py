@@ -118,3 +118,38 @@ def test_export_use_best_writes_the_best_checkpoint_and_metrics_record_it(tmp_pa
     report = __import__("json").loads((tmp_path / "metrics.json").read_text())
     assert report["best"]["monitor"] == "val/nll"
     assert report["best"]["value"] == pytest.approx(float(checkpoint.best_model_score))
+
+
+def test_sample_grid_writes_one_row_per_class(tmp_path):
+    from PIL import Image
+
+    from tokenizers_vq import VQModel, vq_config
+    from tokenizers_vq.checkpoint import save_vq
+    from train.callbacks import SampleGrid
+
+    save_vq(VQModel(vq_config("vq-tiny")), tmp_path / "tok")  # codebook 64 >= vocab 16, 16x16 images
+    grid = SampleGrid(str(tmp_path / "tok"), every_n_steps=2, per_class=3, num_classes=4, cfg_scale=1.5)
+    trainer = _trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[grid])
+    trainer.fit(LitAR(BASE), Tokens())
+    image = Image.open(tmp_path / "samples.png")
+    # 4 rows (classes) x 3 columns of 16x16 images with 1-pixel padding
+    assert image.size == (3 * 17 + 1, 4 * 17 + 1)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png"]
+
+
+def test_bf16_mixed_step_on_cpu():
+    module = LitAR(ModelConfig(**{**BASE.to_dict(), "engram": ENGRAM}))
+    trainer = _trainer(fast_dev_run=2, precision="bf16-mixed")
+    trainer.fit(module, Tokens())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+@pytest.mark.gpu
+def test_compiled_bf16_training_on_gpu():
+    module = LitAR(ModelConfig(**{**BASE.to_dict(), "engram": ENGRAM}), compile=True, lr=3e-3)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=30, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1,
+                        check_val_every_n_epoch=3)
+    trainer.fit(module, Tokens())
+    assert float(trainer.callback_metrics["val/bits_per_token"]) < 3.8
