@@ -17,7 +17,7 @@ from train.cli import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/<folder>/ -> the train stage whose CLI reads it
-STAGE_OF_FOLDER = {"vq": "tokenizer", "ar": "ar", "strategy": "ar"}
+STAGE_OF_FOLDER = {"vq": "tokenizer", "ar": "ar", "strategy": "ar", "sample": None}
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Partial configs (a strategy) are checked on top of this full one.
 BASE_OF_PARTIAL = {"strategy": REPO / "configs" / "ar" / "digits_baseline.yaml"}
@@ -49,9 +49,18 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_parses_and_builds_on_meta(path, fake_lpips_hub, monkeypatch):
-    stage = STAGE_OF_FOLDER.get(path.parent.name)
-    if stage is None:
+    if path.parent.name not in STAGE_OF_FOLDER:
         pytest.fail(f"{path} is in a configs/ folder no test knows; add it to STAGE_OF_FOLDER")
+    stage = STAGE_OF_FOLDER[path.parent.name]
+    if stage is None:  # a jsonargparse command (python -m sample): parse against its function's signature
+        from jsonargparse import ArgumentParser
+        from sample.__main__ import sample_images
+
+        parser = ArgumentParser()
+        parser.add_function_arguments(sample_images)
+        parsed = parser.parse_path(str(path))
+        assert parsed.num_samples >= 1 and parsed.sampling.cfg_scale >= 1.0
+        return
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(fake_lpips_hub))
     base = BASE_OF_PARTIAL.get(path.parent.name)
     args = (["--config", str(base)] if base else []) + ["--config", str(path)]

@@ -1,0 +1,88 @@
+"""`python -m sample`: exact image count, resumable after an interruption with identical images, the
+ADM npz layout, manifest provenance, label schemes, and refusal to mix settings in one folder."""
+
+from __future__ import annotations
+
+import json
+
+import model_factories as helpers
+import numpy as np
+import pytest
+import torch
+from engram_vision.checkpoint import save_gpt
+from sample import __main__ as sample_cli
+from sample.job import SamplePlan, plan_labels
+from tokenizers_vq import VQModel, vq_config
+from tokenizers_vq.checkpoint import save_vq
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    save_gpt(helpers.random_model(helpers.tiny_config()), root / "gpt")
+    torch.manual_seed(0)
+    save_vq(VQModel(vq_config("vq-tiny")), root / "vq")  # codebook 64 = the model's vocab; 4x4 -> 16x16
+    return root
+
+
+def _run(weights, out, **kw):
+    args = dict(model=str(weights / "gpt"), tokenizer=str(weights / "vq"), out=str(out), num_samples=10,
+                batch_size=4, seed=3, accelerator="cpu", devices=1)
+    return sample_cli.sample_images(**(args | kw))
+
+
+def test_interrupted_run_resumes_to_exactly_the_same_images(weights, tmp_path, monkeypatch):
+    manifest = _run(weights, tmp_path / "full")
+    reference = np.load(tmp_path / "full" / "samples.npz", allow_pickle=False)
+    assert reference["arr_0"].shape == (10, 16, 16, 3) and reference["arr_0"].dtype == np.uint8
+    assert reference["labels"].dtype == np.int64 and reference["labels"].shape == (10,)
+    for key in ("model_sha256", "tokenizer_sha256", "sampling", "seed", "label_scheme", "num_samples"):
+        assert key in manifest
+    assert manifest["complete"] and json.loads((tmp_path / "full" / "manifest.json").read_text()) == manifest
+
+    original = sample_cli._Sampler.predict_step
+    calls = []
+
+    def crash_after_one(self, batch, batch_idx):
+        if calls:
+            raise RuntimeError("simulated interruption")
+        calls.append(batch)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(sample_cli._Sampler, "predict_step", crash_after_one)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _run(weights, tmp_path / "resumed")
+    assert len(list((tmp_path / "resumed" / "images").glob("*.png"))) == 4  # one batch of 4 finished
+    monkeypatch.setattr(sample_cli._Sampler, "predict_step", original)
+    _run(weights, tmp_path / "resumed")
+    resumed = np.load(tmp_path / "resumed" / "samples.npz", allow_pickle=False)
+    names = sorted(p.name for p in (tmp_path / "resumed" / "images").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(10)]  # exactly N, unique indices, no temp files
+    assert np.array_equal(resumed["arr_0"], reference["arr_0"])
+    assert np.array_equal(resumed["labels"], reference["labels"])
+
+
+def test_other_settings_in_the_same_folder_are_refused(weights, tmp_path):
+    _run(weights, tmp_path, num_samples=4)
+    with pytest.raises(ValueError, match="seed"):
+        _run(weights, tmp_path, num_samples=4, seed=4)
+
+
+def test_label_schemes_and_plan():
+    balanced = plan_labels(1000, 10, "balanced", seed=0)
+    assert torch.bincount(balanced).tolist() == [100] * 10
+    uniform = plan_labels(1000, 10, "uniform", seed=0)
+    assert torch.equal(uniform, plan_labels(1000, 10, "uniform", seed=0)) and int(uniform.max()) == 9
+    plan = SamplePlan(num_samples=10, batch_size=4)
+    assert plan.num_batches == 3 and list(plan.indices(2)) == [8, 9]
+    with pytest.raises(ValueError, match="label scheme"):
+        plan_labels(10, 10, "random", seed=0)
+
+
+def test_cli_reads_a_config_file(weights, tmp_path):
+    config = tmp_path / "sample.yaml"
+    config.write_text(f"model: {weights / 'gpt'}\ntokenizer: {weights / 'vq'}\nout: {tmp_path / 'run'}\n"
+                      "num_samples: 3\nbatch_size: 2\naccelerator: cpu\ndevices: 1\n"
+                      "sampling: {cfg_scale: 2.0, top_k: 10}\n")
+    manifest = sample_cli.main(["--config", str(config)])
+    assert manifest["sampling"]["cfg_scale"] == 2.0 and manifest["num_samples"] == 3
