@@ -54,6 +54,7 @@ def test_config_parses_and_builds_on_meta(path, fake_lpips_hub, monkeypatch):
     stage = STAGE_OF_FOLDER[path.parent.name]
     if stage is None:  # a jsonargparse command (python -m sample): parse against its function's signature
         from jsonargparse import ArgumentParser
+
         from sample.__main__ import sample_images
 
         parser = ArgumentParser()

@@ -9,6 +9,7 @@ import model_factories as helpers
 import numpy as np
 import pytest
 import torch
+
 from engram_vision.checkpoint import save_gpt
 from sample import __main__ as sample_cli
 from sample.job import SamplePlan, plan_labels
