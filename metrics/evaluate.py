@@ -1,0 +1,143 @@
+"""Score a sample directory against a reference and write metrics.json with provenance.
+
+FID is our float64 `frechet_distance` on the chosen extractor's features; IS, KID and precision/recall
+are torch-fidelity's implementations (`*_featuresdict_to_metric`) fed the same features, so images go
+through the extractor once and reference features come from the `metrics.reference` cache instead of
+torch-fidelity's own registry and cache. Producing samples (`sample/`) and domain extractors
+(`metrics.domain`) are left to others. CLI: `python -m metrics --samples DIR --reference REF`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+from metrics.features import build_extractor
+from metrics.fid import FeatureStats
+from metrics.reference import data_hash, extract, iter_image_batches, load_reference, source_kind
+from tokenizers_vq.checkpoint import atomic_write_text
+
+ALL_METRICS = ("fid", "is", "kid", "prc")
+
+
+def samples_source(samples: str | Path) -> tuple[Path, str]:
+    """(path, kind) of the images in a sample directory: `samples.npz` first, else `images/`, else itself."""
+    path = Path(samples)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        return path / "samples.npz", "npz-images"
+    if path.is_dir() and (path / "images").is_dir():
+        return path / "images", "folder"
+    kind = source_kind(path)
+    if kind not in ("npz-images", "folder", "shards"):
+        raise ValueError(f"samples {path} hold no images (kind {kind})")
+    return path, kind
+
+
+def _read_manifest(samples: str | Path) -> dict[str, Any] | None:
+    path = Path(samples)
+    manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def _finite(value: float) -> float | None:
+    # JSON has no NaN/inf; null is the honest value for an undefined metric.
+    return float(value) if math.isfinite(value) else None
+
+
+def evaluate(
+    samples: str,
+    reference: str,
+    extractor: str = "inception-v3-compat",
+    weights: str | None = None,
+    metrics: str = "fid,is,kid,prc",
+    out: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    cache_dir: str | None = None,
+    image_size: int | None = None,
+    kid_subset_size: int = 1000,
+    isc_splits: int = 10,
+) -> dict[str, Any]:
+    """Compute `metrics` of `samples` vs `reference`; write and return the metrics.json content.
+
+    Args:
+        samples: Sample directory (`samples.npz` with `arr_0`, or `images/`), or an `.npz`/image folder.
+        reference: ADM `.npz` (`mu`/`sigma`: FID and IS only; or `arr_0` images), image folder, or shards.
+        extractor: Registered feature extractor name (see `metrics.features.available_extractors`).
+        weights: Extractor weights file; default torch's hub cache (Inception). Never downloaded.
+        metrics: Comma-separated subset of fid,is,kid,prc.
+        out: Output JSON path; default `<samples dir>/metrics.json`.
+        device: Torch device for the extractor; default cuda when available.
+        batch_size: Extractor batch size.
+        cache_dir: Reference statistics cache; default ~/.cache/engram-vision/reference-stats.
+        image_size: Resize-and-centre-crop reference folder/shard images to this size (None: as stored).
+        kid_subset_size: KID subset size, capped at the smaller sample count.
+        isc_splits: Number of IS splits.
+    """
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fx = build_extractor(extractor, weights=weights, device=device, batch_size=batch_size)
+
+    sample_path, sample_kind = samples_source(samples)
+    sample_feats, sample_logits = extract(fx, iter_image_batches(sample_path, sample_kind))
+    ref = load_reference(reference, fx, cache_dir=cache_dir, image_size=image_size)
+
+    values: dict[str, float | None] = {}
+    skipped: dict[str, str] = {}
+    # torch-fidelity reads unset kwargs from its DEFAULTS; verbose off keeps stdout for our summary.
+    tf_kwargs: dict[str, Any] = {"verbose": False, "isc_splits": isc_splits}
+    if "fid" in wanted:
+        values["fid"] = _finite(FeatureStats.from_features(sample_feats).fid(ref.stats))
+    if "is" in wanted:
+        isc = isc_featuresdict_to_metric({"logits": torch.from_numpy(sample_logits)}, "logits", **tf_kwargs)
+        values.update({k: _finite(v) for k, v in isc.items()})
+    for name in ("kid", "prc"):
+        if name not in wanted:
+            continue
+        if ref.features is None:
+            skipped[name] = "reference holds only mu/sigma (ADM stats), so only FID (and IS) can be computed"
+            continue
+        f1 = {"f": torch.from_numpy(sample_feats)}
+        f2 = {"f": torch.from_numpy(np.asarray(ref.features, np.float32))}
+        if name == "kid":
+            size = min(kid_subset_size, len(sample_feats), len(ref.features))
+            res = kid_featuresdict_to_metric(f1, f2, "f", kid_subset_size=size, **tf_kwargs)
+        else:  # torch-fidelity's convention: input 1 generated, input 2 real
+            res = prc_featuresdict_to_metric(f1, f2, "f", **tf_kwargs)
+        values.update({k: _finite(v) for k, v in res.items()})
+
+    report = {
+        "metrics": values,
+        "skipped": skipped,
+        "extractor": {"name": fx.name, "weights_sha256": fx.weights_sha256,
+                      "weights_path": str(getattr(fx, "weights_path", weights) or "")},
+        "reference": {
+            "path": str(Path(reference).resolve()) if "{" not in reference else reference,
+            "kind": ref.kind,
+            "sha256": ref.data_sha256,
+            "num_samples": ref.stats.num_samples,
+            "stats_cache": str(ref.cache_path) if ref.cache_path else None,
+        },
+        "samples": {
+            "path": str(sample_path.resolve()),
+            "sha256": data_hash(sample_path, sample_kind),
+            "num_samples": int(len(sample_feats)),
+            "manifest": _read_manifest(samples),
+        },
+    }
+    if ref.kind == "npz-stats":
+        report["reference"]["note"] = "mu/sigma-only reference: FID only among the reference-based metrics"
+    out_path = Path(out) if out else (Path(samples) if Path(samples).is_dir() else sample_path.parent) / "metrics.json"
+    atomic_write_text(out_path, json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,206 @@
+"""Reference statistics for FID/KID/PR, from an ADM `.npz`, an image folder or webdataset shards, cached.
+
+Sources, picked by what `source` is:
+  * `.npz` with `mu`/`sigma` (ADM reference batch): used as is, FID only (no features for KID/PR);
+  * `.npz` with `arr_0` uint8 [N,H,W,3] (ADM sample layout): images, features extracted here;
+  * a folder of PNG/JPEG files (searched recursively, sorted, so ImageFolder layouts work);
+  * webdataset shards: a `.tar`, a brace pattern (`shard-{000..009}.tar`) or a folder of `.tar` files;
+    only `jpg`/`jpeg`/`png` members are decoded (never `.pyd`/`.pth`), other members are skipped.
+Image sources are cached at `<cache_dir>/<name>-<data_hash[:12]>-<extractor>-<weights_hash[:12]>.npz` with
+`mu`, `sigma`, `num_samples` and `features`. The data hash is sha256 of the file bytes for `.npz`, and
+sha256 over "relative name<TAB>size" lines of the sorted files for folders and shards (cheap; a file edited
+in place with the same size is not noticed). Metric formulas live in `metrics.fid` / `metrics.evaluate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image
+
+from metrics.features import FeatureExtractor, sha256_file
+from metrics.fid import FeatureStats
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_CHUNK = 256  # images decoded per extractor call: bounds memory for 50k-image references
+
+
+@dataclass
+class Reference:
+    """Reference statistics; `features` [N,D] float32 when computed from images (KID/PR need them)."""
+
+    stats: FeatureStats
+    features: np.ndarray | None
+    source: str
+    kind: str  # "npz-stats" | "npz-images" | "folder" | "shards"
+    data_sha256: str
+    cache_path: Path | None = None
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/engram-vision/reference-stats` (or ~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "engram-vision" / "reference-stats"
+
+
+def _listing_hash(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\t{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """PNG/JPEG files under `folder`, recursively, sorted by relative path."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def shard_files(source: str) -> list[Path]:
+    """The `.tar` shards a source names: one file, a brace pattern, or a folder of shards."""
+    path = Path(source)
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    import braceexpand  # a webdataset dependency
+
+    files = [Path(p) for p in braceexpand.braceexpand(source)]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shards not found: {missing[:5]}")
+    return files
+
+
+def source_kind(source: str | Path) -> str:
+    """Which loader applies to `source` (see the module docstring)."""
+    path = Path(source)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"reference {path} does not exist")
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" in data.files:
+                return "npz-images"
+            if "mu" in data.files and "sigma" in data.files:
+                return "npz-stats"
+            raise KeyError(f"{path}: expected 'arr_0' (images) or 'mu'+'sigma' (stats), found {data.files}")
+    if path.is_dir():
+        if image_files(path):
+            return "folder"
+        if list(path.glob("*.tar")):
+            return "shards"
+        raise FileNotFoundError(f"{path} holds no PNG/JPEG images and no .tar shards")
+    if ".tar" in str(source):
+        return "shards"
+    raise FileNotFoundError(f"reference {source} is not an .npz, an image folder or webdataset shards")
+
+
+def _decode(data: bytes | torch.Tensor, image_size: int | None) -> torch.Tensor:
+    raw = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    img = decode_image(raw, mode=ImageReadMode.RGB)
+    return _decode_resize(img, image_size) if image_size is not None else img
+
+
+def _batches(images: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    chunk: list[torch.Tensor] = []
+    for img in images:
+        chunk.append(img)
+        if len(chunk) == _CHUNK:
+            yield _stack(chunk)
+            chunk = []
+    if chunk:
+        yield _stack(chunk)
+
+
+def _stack(chunk: list[torch.Tensor]) -> torch.Tensor:
+    sizes = {tuple(t.shape) for t in chunk}
+    if len(sizes) > 1:
+        raise ValueError(f"images differ in size {sorted(sizes)[:3]}...; pass image_size to resize and crop")
+    return torch.stack(chunk)
+
+
+def npz_images(path: str | Path) -> torch.Tensor:
+    """`arr_0` uint8 [N,H,W,3] of an ADM-layout `.npz` as uint8 [N,3,H,W]."""
+    with np.load(path, allow_pickle=False) as data:
+        arr = data["arr_0"]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 must be uint8 [N,H,W,3], got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def iter_image_batches(source: str | Path, kind: str, image_size: int | None = None) -> Iterator[torch.Tensor]:
+    """uint8 [B,3,H,W] batches of the images in `source` (kind from `source_kind`), in a fixed order."""
+    if kind == "npz-images":
+        images = npz_images(source)
+        if image_size is not None:
+            images = torch.stack([_decode_resize(im, image_size) for im in images])
+        yield from images.split(_CHUNK)
+    elif kind == "folder":
+        yield from _batches(_decode(f.read_bytes(), image_size) for f in image_files(source))
+    elif kind == "shards":
+        yield from _batches(_shard_images(shard_files(str(source)), image_size))
+    else:
+        raise ValueError(f"{source} ({kind}) holds no images")
+
+
+def _decode_resize(img: torch.Tensor, image_size: int) -> torch.Tensor:
+    # Shorter side to image_size, then centre crop (how ADM-style reference batches are made).
+    return TF.center_crop(TF.resize(img, image_size, antialias=True), [image_size, image_size])
+
+
+def _shard_images(shards: list[Path], image_size: int | None) -> Iterator[torch.Tensor]:
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                    yield _decode(tar.extractfile(member).read(), image_size)  # type: ignore[union-attr]
+
+
+def extract(extractor: FeatureExtractor, batches: Iterator[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Features [N,D] and logits [N,C] (float32 numpy) over all batches."""
+    feats, logits = [], []
+    for batch in batches:
+        f, lg = extractor.features_and_logits(batch)
+        feats.append(f.numpy())
+        logits.append(lg.numpy())
+    if not feats:
+        raise ValueError("no images found")
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def data_hash(source: str | Path, kind: str) -> str:
+    """sha256 identifying the reference data (see the module docstring for the scheme)."""
+    if kind.startswith("npz"):
+        return sha256_file(source)
+    if kind == "folder":
+        return _listing_hash(image_files(source), Path(source))
+    shards = shard_files(str(source))
+    return _listing_hash(shards, Path(os.path.commonpath([s.parent for s in shards])))
+
+
+def load_reference(source: str | Path, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
+                   name: str | None = None, image_size: int | None = None) -> Reference:
+    """Reference stats for `source` under `extractor`, computed once and then read from the cache."""
+    source = str(source)
+    kind = source_kind(source)
+    digest = data_hash(source, kind)
+    if kind == "npz-stats":
+        return Reference(FeatureStats.load_npz(source), None, source, kind, digest)
+    name = name or Path(source.split("{")[0].rstrip("/")).stem or "reference"
+    size_tag = f"-{image_size}px" if image_size is not None else ""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_path = cache / f"{name}{size_tag}-{digest[:12]}-{extractor.name}-{extractor.weights_sha256[:12]}.npz"
+    if cache_path.is_file():
+        with np.load(cache_path, allow_pickle=False) as data:
+            features = data["features"] if "features" in data.files else None
+        return Reference(FeatureStats.load_npz(cache_path), features, source, kind, digest, cache_path)
+    features, _ = extract(extractor, iter_image_batches(source, kind, image_size))
+    stats = FeatureStats.from_features(features)
+    stats.save_npz(cache_path, features=features)
+    return Reference(stats, features, source, kind, digest, cache_path)
