@@ -25,7 +25,7 @@ from metrics.fid import FeatureStats
 from metrics.reference import data_hash, extract, iter_image_batches, load_reference, source_kind
 from tokenizers_vq.checkpoint import atomic_write_text
 
-ALL_METRICS = ("fid", "is", "kid", "prc")
+ALL_METRICS = ("fid", "is", "kid", "prc", "acc")
 
 
 def samples_source(samples: str | Path) -> tuple[Path, str]:
@@ -52,6 +52,14 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _sample_labels(path: Path, kind: str) -> np.ndarray | None:
+    """The `labels` [N] of an ADM-layout samples.npz, or None."""
+    if not str(path).endswith(".npz"):
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return data["labels"].astype(np.int64) if "labels" in data.files else None
+
+
 def evaluate(
     samples: str,
     reference: str,
@@ -73,7 +81,8 @@ def evaluate(
         reference: ADM `.npz` (`mu`/`sigma`: FID and IS only; or `arr_0` images), image folder, or shards.
         extractor: Registered feature extractor name (see `metrics.features.available_extractors`).
         weights: Extractor weights file; default torch's hub cache (Inception). Never downloaded.
-        metrics: Comma-separated subset of fid,is,kid,prc.
+        metrics: Comma-separated subset of fid,is,kid,prc,acc (acc: class accuracy of labelled samples
+            under the extractor's classifier, for a domain classifier such as digits-classifier).
         out: Output JSON path; default `<samples dir>/metrics.json`.
         device: Torch device for the extractor; default cuda when available.
         batch_size: Extractor batch size.
@@ -116,6 +125,14 @@ def evaluate(
         else:  # torch-fidelity's convention: input 1 generated, input 2 real
             res = prc_featuresdict_to_metric(f1, f2, "f", **tf_kwargs)
         values.update({k: _finite(v) for k, v in res.items()})
+
+    if "acc" in wanted:
+        labels = _sample_labels(sample_path, sample_kind)
+        if labels is None:
+            skipped["acc"] = "the samples carry no labels (samples.npz without `labels`)"
+        else:
+            # Does the classifier see the class the sample was generated for?
+            values["class_accuracy"] = float((sample_logits.argmax(axis=1) == labels).mean())
 
     report = {
         "metrics": values,

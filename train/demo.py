@@ -7,9 +7,14 @@
 3. the AR baseline and an iso-parameter Engram model at rho 0.5 (configs/ar/digits_*.yaml, 720 steps
    each, about 2-3 minutes; the best val checkpoint is exported) -> runs/demo/ar/<name>/ (metrics.json,
    samples.png, model/);
-4. a summary: best and final val NLL in bits per token against the unigram entropy of the training tokens.
-Interrupted stages resume (tokenizer and AR from last.ckpt, extraction shard by shard). Later issues
-(sampling, evaluation, probes, the report) extend this file.
+4. a domain classifier for digits (metrics/domain.py) -> runs/demo/domain_classifier/, and the tokenizer's
+   PSNR, SSIM and rFID on the val images -> runs/demo/vq/tokenizer/eval_metrics.json;
+5. 1000 class-balanced samples per AR model (configs/sample/digits.yaml) -> runs/demo/samples/<name>/,
+   scored against the training images with the domain classifier: FID, IS, KID, precision/recall and
+   class accuracy -> runs/demo/samples/<name>/metrics.json;
+6. a summary: val NLL against the unigram entropy of the training tokens, and the sample metrics.
+Interrupted stages resume (tokenizer and AR from last.ckpt, extraction shard by shard, sampling batch
+by batch). Later issues (probes, the report) extend this file.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from train.cli import run_stage
 
 RUN_DIR = Path("runs/demo")
 VQ_CONFIG = "configs/vq/digits.yaml"
+SAMPLE_CONFIG = "configs/sample/digits.yaml"
 AR_CONFIGS = {"baseline": "configs/ar/digits_baseline.yaml", "engram_rho0.5": "configs/ar/digits_engram_rho0.5.yaml"}
 
 
@@ -58,12 +64,52 @@ def unigram_entropy_bits(shards: Path) -> float:
     return float(-(probs * [math.log2(p) for p in probs]).sum())
 
 
+def score_samples(run_dir: Path, names: list[str]) -> dict[str, dict]:
+    """Sample every AR model and score it with the digits domain classifier (each step skipped when done)."""
+    import numpy as np
+
+    from metrics.domain import train_domain_classifier
+    from metrics.evaluate import evaluate
+    from sample.__main__ import main as sample_main
+    from train.digits import digits_split
+
+    classifier = run_dir / "domain_classifier"
+    if not (classifier / "model.safetensors").is_file():
+        train_domain_classifier(classifier, seed=0)
+    reference = run_dir / "reference" / "digits_train.npz"
+    if not reference.is_file():
+        reference.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(reference, arr_0=digits_split("train")[0])
+    val = run_dir / "reference" / "digits_val.npz"
+    if not val.is_file():
+        np.savez(val, arr_0=digits_split("val")[0])
+    tokenizer_report = run_dir / "vq" / "tokenizer" / "eval_metrics.json"
+    if not tokenizer_report.is_file():
+        from metrics.tokenizer_eval import evaluate_tokenizer
+
+        evaluate_tokenizer(str(run_dir / "vq" / "tokenizer"), str(val), extractor="digits-classifier",
+                           weights=str(classifier))
+    results = {"tokenizer": json.loads(tokenizer_report.read_text())}
+    for name in names:
+        out = run_dir / "samples" / name
+        if not (out / "metrics.json").is_file():
+            # Sampling resumes by itself: on a finished folder it only reassembles samples.npz.
+            sample_main(["--config", SAMPLE_CONFIG, "--model", str(run_dir / "ar" / name / "model"),
+                         "--out", str(out)])
+            evaluate(str(out), str(reference), extractor="digits-classifier", weights=str(classifier),
+                     metrics="fid,is,kid,prc,acc", device="cpu", cache_dir=str(run_dir / "reference"),
+                     kid_subset_size=500)
+        results[name] = json.loads((out / "metrics.json").read_text())
+    return results
+
+
 def main() -> None:
     start = time.perf_counter()
     vq = _fit("tokenizer", VQ_CONFIG, RUN_DIR / "vq", "tokenizer")
     tokens = extract(RUN_DIR)
     results = {name: _fit("ar", config, RUN_DIR / "ar" / name, "model") for name, config in AR_CONFIGS.items()}
     entropy = unigram_entropy_bits(tokens / "train")
+    scores = score_samples(RUN_DIR, list(AR_CONFIGS))
 
     m = vq["metrics"]
     print(f"\n[demo] tokenizer: val PSNR {m['psnr']:.2f} dB, codebook usage {100 * m['codebook_usage']:.1f}% "
@@ -74,6 +120,14 @@ def main() -> None:
         final = result["metrics"]["bits_per_token"]
         print(f"[demo] AR {name:<14} val NLL {best:.3f} bits/token (best; {100 * (1 - best / entropy):.1f}% below "
               f"unigram), {final:.3f} at step {result['global_step']} -> {RUN_DIR / 'ar' / name / 'samples.png'}")
+    t = scores.pop("tokenizer")["metrics"]
+    print(f"[demo] tokenizer on val: PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}, domain rFID {t['rfid']:.2f}")
+    for name, report in scores.items():
+        m = report["metrics"]
+        print(f"[demo] samples {name:<14} domain FID {m['fid']:.2f}, IS {m['inception_score_mean']:.2f}, "
+              f"class accuracy {100 * m['class_accuracy']:.1f}%, precision {m['precision']:.2f}, recall "
+              f"{m['recall']:.2f} ({report['samples']['num_samples']} samples) -> "
+              f"{RUN_DIR / 'samples' / name / 'metrics.json'}")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s; everything is under {RUN_DIR}/")
 
 

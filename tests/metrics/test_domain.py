@@ -161,3 +161,56 @@ def test_command_trains_and_reports(tmp_path: Path, capsys: pytest.CaptureFixtur
     accuracy = main(out=str(tmp_path / "cli"), epochs=1, seed=0)
     assert (tmp_path / "cli" / "model.safetensors").is_file() and 0.0 <= accuracy <= 1.0
     assert "val accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_reports_class_accuracy_and_domain_fid(weights: Path, tmp_path: Path) -> None:
+    """Real digits in the ADM samples layout: the domain classifier recognises the requested classes, and
+    shuffled labels (samples that ignore their class) score near chance."""
+    import numpy as np
+
+    from metrics.evaluate import evaluate
+
+    images, labels = digits_split("val")
+    train_images, _ = digits_split("train")
+    np.savez(tmp_path / "reference.npz", arr_0=train_images)
+    (tmp_path / "real").mkdir()
+    np.savez(tmp_path / "real" / "samples.npz", arr_0=images, labels=labels)
+    report = evaluate(str(tmp_path / "real"), str(tmp_path / "reference.npz"), extractor="digits-classifier",
+                      weights=str(weights.parent), metrics="fid,is,acc", device="cpu", cache_dir=str(tmp_path))
+    assert report["metrics"]["class_accuracy"] >= 0.95
+    assert 0 <= report["metrics"]["fid"] < 20 and report["extractor"]["name"] == "digits-classifier"
+    (tmp_path / "shuffled").mkdir()
+    np.savez(tmp_path / "shuffled" / "samples.npz", arr_0=images, labels=np.random.default_rng(0).permutation(labels))
+    shuffled = evaluate(str(tmp_path / "shuffled"), str(tmp_path / "reference.npz"), extractor="digits-classifier",
+                        weights=str(weights.parent), metrics="acc", device="cpu", cache_dir=str(tmp_path))
+    assert shuffled["metrics"]["class_accuracy"] < 0.3
+
+
+def test_tokenizer_eval_psnr_ssim_rfid(weights: Path, tmp_path: Path) -> None:
+    """A tokenizer that reconstructs perfectly scores PSNR 100 (capped), SSIM 1, rFID 0; a random one does not."""
+    import numpy as np
+
+    from metrics import tokenizer_eval
+    from tokenizers_vq import VQModel, vq_config
+    from tokenizers_vq.checkpoint import save_vq
+
+    images, _ = digits_split("val")
+    np.savez(tmp_path / "val.npz", arr_0=images)
+    torch.manual_seed(0)
+    save_vq(VQModel(vq_config("vq-tiny")), tmp_path / "vq")
+    random_tok = tokenizer_eval.evaluate_tokenizer(str(tmp_path / "vq"), str(tmp_path / "val.npz"),
+                                                   extractor="digits-classifier", weights=str(weights.parent))
+    m = random_tok["metrics"]
+    assert m["psnr"] < 20 and m["ssim"] < 0.9 and m["rfid"] > 1 and random_tok["num_images"] == 297
+    assert (tmp_path / "vq" / "eval_metrics.json").is_file()
+
+    identity = lambda tokenizer, batch, device: batch  # noqa: E731 - a perfect tokenizer
+    original = tokenizer_eval.reconstruct
+    tokenizer_eval.reconstruct = identity
+    try:
+        perfect = tokenizer_eval.evaluate_tokenizer(str(tmp_path / "vq"), str(tmp_path / "val.npz"),
+                                                    extractor="digits-classifier", weights=str(weights.parent),
+                                                    out=str(tmp_path / "perfect.json"))["metrics"]
+    finally:
+        tokenizer_eval.reconstruct = original
+    assert perfect["ssim"] == pytest.approx(1.0, abs=1e-6) and abs(perfect["rfid"]) < 1e-6 and perfect["psnr"] > 60
