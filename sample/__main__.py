@@ -78,7 +78,9 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
         num_samples: images to write (50,000 for FID).
         labels: `uniform` at random (LlamaGen's protocol) or `balanced` over classes.
         seed: the run's seed (labels and every batch's generator derive from it).
-        batch_size: images per batch; the images depend on it (batch k has its own generator).
+        batch_size: images per batch; the images depend on it (batch k has its own generator). They do
+            not depend on the number of devices, up to float rounding: kernels that reduce in another order
+            (another thread count, GPU model or precision) can flip a rare near-tie token choice.
         sampling: CFG scale and schedule, temperature, top-k, top-p, greedy.
         model_size / tokenizer_size: named configs for LlamaGen `.pt` files (e.g. gpt-b, vq-16).
         accelerator, devices, strategy, precision: Lightning Trainer settings (e.g. devices 8, bf16-mixed).
@@ -107,7 +109,7 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
     trainer.strategy.barrier()  # every rank's PNGs are on disk before rank 0 gathers them
     if not trainer.is_global_zero:
         return {}
-    pixels = np.stack([decode_png(torch.from_numpy(np.frombuffer(image_path(out_dir, i).read_bytes(), np.uint8)))
+    pixels = np.stack([decode_png(torch.frombuffer(bytearray(image_path(out_dir, i).read_bytes()), dtype=torch.uint8))
                        .permute(1, 2, 0).numpy() for i in range(num_samples)])
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a bare name
