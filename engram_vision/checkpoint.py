@@ -7,18 +7,19 @@ package's safe loader and checked strict load, so both stages refuse bad files t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from engram_vision.config import ModelConfig, model_config
 from engram_vision.model import EngramGPT
-from tokenizers_vq.checkpoint import atomic_write, atomic_write_text, load_state_dict_checked, safe_torch_load
+from tokenizers_vq.checkpoint import (
+    CONFIG_NAME,
+    load_state_dict_checked,
+    read_model_dir,
+    safe_torch_load,
+    save_model_dir,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 KIND = "engram-vision-gpt"
 _REBUILT_KEYS = ("freqs_cis", "kv_cache", "causal_mask")  # LlamaGen buffers that are not weights
 
@@ -41,26 +42,14 @@ def load_llamagen_gpt(path: str | Path, config: ModelConfig | str = "gpt-b") -> 
 
 def save_gpt(model: EngramGPT, directory: str | Path) -> Path:
     """Write `model.safetensors` + `config.json` (atomically); returns the weights path."""
-    directory = Path(directory)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    weights = directory / WEIGHTS_NAME
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps({"kind": KIND, "config": model.config.to_dict()}, indent=2))
-    return weights
+    return save_model_dir(model, model.config.to_dict(), KIND, directory)
 
 
 def load_gpt(directory: str | Path) -> EngramGPT:
     """A model saved by `save_gpt`, in eval mode."""
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"model directory {directory} has no {name}")
-    meta = json.loads((directory / CONFIG_NAME).read_text())
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{directory / CONFIG_NAME} is not an engram-vision GPT config (kind={meta.get('kind')!r})")
-    model = EngramGPT(ModelConfig(**meta["config"]))
-    load_state_dict_checked(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME),
-                            optional_keys=())
+    config, state_dict, source = read_model_dir(directory, KIND)
+    model = EngramGPT(ModelConfig(**config))
+    load_state_dict_checked(model, state_dict, source, optional_keys=())
     return model.eval()
 
 

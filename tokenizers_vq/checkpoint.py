@@ -25,6 +25,7 @@ from tokenizers_vq.model import VQModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+VQ_KIND = "engram-vision-vq"
 # Buffers that are bookkeeping, not weights: absent from some files, never a reason to refuse one.
 _OPTIONAL_KEYS = ("quantize.codebook_used",)
 
@@ -91,28 +92,40 @@ def atomic_write(path: str | Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def save_vq(model: VQModel, directory: str | Path) -> Path:
-    """Save `model.safetensors` + `config.json` into `directory`; returns the weights path."""
+def save_model_dir(model: torch.nn.Module, config: dict[str, Any], kind: str, directory: str | Path) -> Path:
+    """Write `model.safetensors` + `config.json` ({kind, config}) atomically; returns the weights path.
+    Shared by every model this project saves (tokenizers here, the AR prior in engram_vision)."""
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_NAME
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config_text = json.dumps({"kind": "engram-vision-vq", "config": model.config.to_dict()}, indent=2)
-    atomic_write_text(directory / CONFIG_NAME, config_text)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps({"kind": kind, "config": config}, indent=2))
     return weights
+
+
+def read_model_dir(directory: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """(config dict, state dict, weights path) of a `save_model_dir` directory of the given kind."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"model directory {directory} has no {name}")
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{directory / CONFIG_NAME} holds a {meta.get('kind')!r} model, not {kind!r}")
+    weights = str(directory / WEIGHTS_NAME)
+    return meta["config"], load_file(weights), weights
+
+
+def save_vq(model: VQModel, directory: str | Path) -> Path:
+    """Save `model.safetensors` + `config.json` into `directory`; returns the weights path."""
+    return save_model_dir(model, model.config.to_dict(), VQ_KIND, directory)
 
 
 def load_vq(directory: str | Path) -> VQModel:
     """Our saved tokenizer (`save_vq`) as a VQModel in eval mode."""
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"tokenizer directory {directory} has no {name}")
-    meta = json.loads((directory / CONFIG_NAME).read_text())
-    if meta.get("kind") != "engram-vision-vq":
-        raise ValueError(f"{directory / CONFIG_NAME} is not an engram-vision tokenizer config")
-    model = VQModel(VQConfig(**meta["config"]))
-    load_state_dict_checked(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
+    config, state_dict, source = read_model_dir(directory, VQ_KIND)
+    model = VQModel(VQConfig(**config))
+    load_state_dict_checked(model, state_dict, source)
     return model.eval()
 
 
@@ -131,7 +144,7 @@ def load_tokenizer(path: str | Path, size: str | None = None) -> torch.nn.Module
     path = Path(path)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         meta = json.loads((path / CONFIG_NAME).read_text())
-        if meta.get("kind") == "engram-vision-vq":
+        if meta.get("kind") == VQ_KIND:
             return load_vq(path)
         from tokenizers_vq.diffusers_backend import DiffusersVQTokenizer  # optional heavy import
 
