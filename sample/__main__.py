@@ -21,11 +21,17 @@ from jsonargparse import CLI
 from torch.utils.data import DataLoader
 from torchvision.io import decode_png, encode_png
 
-from engram_vision.checkpoint import WEIGHTS_NAME, load_any_gpt
+from engram_vision.checkpoint import load_any_gpt
 from sample.generate import generate
 from sample.job import LabelScheme, SamplePlan, batch_seed, image_path, plan_labels
 from sample.sampling import SamplingConfig
-from tokenizers_vq.checkpoint import atomic_write, atomic_write_text, file_sha256, load_tokenizer
+from tokenizers_vq.checkpoint import (
+    WEIGHTS_NAME,
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    load_tokenizer,
+)
 
 
 def _weights_hash(path: Path) -> str:
