@@ -99,9 +99,13 @@ class EngramGPT(nn.Module):
         c = self.config
         if tokens.ndim != 2 or labels.ndim != 1 or labels.shape[0] != tokens.shape[0]:
             raise ValueError(f"tokens must be [B,T] and labels [B]; got {tuple(tokens.shape)} and {tuple(labels.shape)}")
+        top = c.num_classes + int(self.cls_embedding.has_null) - 1
+        # One host sync per call (this runs every training step); details only once something is wrong.
+        bad = ((tokens < 0) | (tokens >= c.vocab_size)).any() | ((labels < 0) | (labels > top)).any()
+        if not bool(bad):
+            return
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
             raise ValueError(f"tokens must lie in [0, {c.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
-        top = c.num_classes + int(self.cls_embedding.has_null) - 1
         if int(labels.min()) < 0 or int(labels.max()) > top:
             raise ValueError(f"labels must lie in [0, {top}] ({c.num_classes} = null label"
                              f"{'' if self.cls_embedding.has_null else ', absent: class_dropout_prob is 0'}); "

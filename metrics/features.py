@@ -7,27 +7,20 @@ in `metrics.domain`) join with `register_extractor`. Statistics and metric formu
 
 from __future__ import annotations
 
-import hashlib
 import importlib
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from tokenizers_vq.checkpoint import file_sha256
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 )
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks (weights files are ~100 MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureExtractor(ABC):
@@ -80,15 +73,19 @@ class InceptionV3Compat(FeatureExtractor):
         path = resolve_inception_weights(weights)
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        # torch-fidelity unpickles with weights_only=False; a restricted load first refuses a file that
-        # would run code. The explicit path is what keeps it from calling load_state_dict_from_url.
-        torch.load(path, map_location="cpu", weights_only=True)
-        self.model = FeatureExtractorInceptionV3(
-            self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
-        ).to(self.device)
+        # torch-fidelity unpickles its weights file with weights_only=False. It never sees the user's file:
+        # we load that with weights_only=True (refusing anything but tensors) and hand torch-fidelity a
+        # temporary file we wrote from those tensors. The explicit path also keeps it off the network.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            verified = Path(tmp) / "inception.pth"
+            torch.save(state, verified)
+            self.model = FeatureExtractorInceptionV3(
+                self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(verified)
+            ).to(self.device)
         self.model.requires_grad_(False).eval()
         self.weights_path = path
-        self.weights_sha256 = sha256_file(path)
+        self.weights_sha256 = file_sha256(path)
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # torch-fidelity takes uint8 and does the TF-compatible resize to 299 and scaling itself.

@@ -26,8 +26,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
-from metrics.features import FeatureExtractor, sha256_file
+from metrics.features import FeatureExtractor
 from metrics.fid import FeatureStats
+from tokenizers_vq.checkpoint import file_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHUNK = 256  # images decoded per extractor call: bounds memory for 50k-image references
@@ -177,7 +178,7 @@ def extract(extractor: FeatureExtractor, batches: Iterator[torch.Tensor]) -> tup
 def data_hash(source: str | Path, kind: str) -> str:
     """sha256 identifying the reference data (see the module docstring for the scheme)."""
     if kind.startswith("npz"):
-        return sha256_file(source)
+        return file_sha256(source)
     if kind == "folder":
         return _listing_hash(image_files(source), Path(source))
     shards = shard_files(str(source))

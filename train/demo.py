@@ -57,11 +57,13 @@ def extract(run_dir: Path) -> Path:
 
 def unigram_entropy_bits(shards: Path) -> float:
     """Entropy of the code frequencies over all training tokens: what a model ignoring context achieves."""
+    import numpy as np
+
     from train.token_data import token_histogram
 
     counts = token_histogram(str(shards))
     probs = counts[counts > 0] / counts.sum()
-    return float(-(probs * [math.log2(p) for p in probs]).sum())
+    return float(-(probs * np.log2(probs)).sum())
 
 
 def score_samples(run_dir: Path, names: list[str]) -> dict[str, dict]:

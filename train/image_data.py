@@ -227,19 +227,19 @@ class ImageFolderDataModule(LightningDataModule):
         return FolderViews(self.root / split_dir, self.image_size, views, self.skip_counter)
 
 
-def _is_local(url: str) -> bool:
+def is_local_url(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
 def shard_urls(spec: str) -> list[str]:
     """Shards of a spec: a local folder (its `*.tar`, sorted), or a brace pattern / URL list (expanded)."""
-    if _is_local(spec) and Path(spec).is_dir():
+    if is_local_url(spec) and Path(spec).is_dir():
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
         if not urls:
             raise FileNotFoundError(f"no .tar shards in folder {spec}")
         return urls
     urls = wds.shardlists.expand_urls(spec)
-    missing = [u for u in urls if _is_local(u) and not Path(u).is_file()]
+    missing = [u for u in urls if is_local_url(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
     return urls
@@ -336,7 +336,7 @@ class ImageShardsDataModule(LightningDataModule):
         if self._num_classes is None:
             first = shard_urls(self.train_shards)[0]
             path = Path(first).parent / "classes.json"
-            if not _is_local(first) or not path.is_file():
+            if not is_local_url(first) or not path.is_file():
                 raise FileNotFoundError(
                     f"set num_classes, or put classes.json (see train.write_shards) at {path}"
                 )

@@ -28,7 +28,7 @@ import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.image_data import shard_urls
+from train.image_data import is_local_url, shard_urls
 
 __all__ = ["TokenShardsDataModule", "TokenTrainStream", "TokenEvalStream", "read_token_meta", "META_NAME",
            "FORMAT"]  # fmt: skip
@@ -39,15 +39,11 @@ _REQUIRED = ("codebook_size", "num_classes", "grid", "num_samples", "num_views",
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
 def _meta_path(spec: str) -> Path:
-    if _is_local(spec) and Path(spec).is_dir():
+    if is_local_url(spec) and Path(spec).is_dir():
         return Path(spec) / META_NAME
     first = wds.shardlists.expand_urls(spec)[0]
-    if not _is_local(first):
+    if not is_local_url(first):
         raise ValueError(f"token shards {spec!r} are remote: meta.json is read from local shard folders only")
     return Path(first).parent / META_NAME
 
@@ -73,7 +69,7 @@ def read_token_meta(spec: str) -> dict[str, Any]:
 
 def _token_urls(spec: str, meta: dict[str, Any]) -> list[str]:
     # A folder means the shards meta.json lists (never stray tars); a pattern means exactly those files.
-    if _is_local(spec) and Path(spec).is_dir() and "shards" in meta:
+    if is_local_url(spec) and Path(spec).is_dir() and "shards" in meta:
         urls = [str(Path(spec) / shard["name"]) for shard in meta["shards"]]
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
