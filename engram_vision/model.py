@@ -112,13 +112,14 @@ class EngramGPT(nn.Module):
                              f"got [{int(labels.min())}, {int(labels.max())}]")
 
     def forward(self, tokens: Tensor, labels: Tensor, state: DecodeState | None = None,
-                engram_tokens: Tensor | None = None) -> Tensor:
+                engram_tokens: Tensor | None = None, engram_labels: Tensor | None = None) -> Tensor:
         """Logits [B, positions, vocab] in float32.
 
         Without `state`: tokens [B,T] (T <= block_size - 1) are the inputs after the class token; returns
         T + 1 positions (training: targets are the T + 1 image tokens). With `state`: continues at
         `state.pos` (the class token is added when it is 0) and writes the caches; returns the new positions.
-        engram_tokens [B,T]: a donor sequence the Engram layers hash instead of `tokens` (probes only).
+        engram_tokens [B,T] / engram_labels [B]: a donor sequence (and its class, which only models with
+        `hash_label` read) that the Engram layers hash instead of `tokens` / `labels` (probes only).
         """
         c = self.config
         start = 0 if state is None else state.pos
@@ -139,8 +140,13 @@ class EngramGPT(nn.Module):
             if state is not None or engram_tokens.shape != tokens.shape:
                 raise ValueError("engram_tokens must match tokens' shape and is only used without a state")
             history = engram_tokens
+        hash_labels = labels
+        if engram_labels is not None:
+            if state is not None or engram_labels.shape != labels.shape:
+                raise ValueError("engram_labels must match labels' shape and is only used without a state")
+            hash_labels = engram_labels
         positions = torch.arange(start, start + length, device=tokens.device)
-        engram_args = {"history": history, "positions": positions, "labels": labels, "code_map": self.code_map}
+        engram_args = {"history": history, "positions": positions, "labels": hash_labels, "code_map": self.code_map}
         h = self.tok_dropout(embeddings)
         rope = self.rope[start:start + length]
         for index, block in enumerate(self.layers):
