@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.image_data import is_local_url, shard_urls
 
-__all__ = ["TokenShardsDataModule", "TokenTrainStream", "TokenEvalStream", "read_token_meta", "META_NAME",
-           "FORMAT"]  # fmt: skip
+__all__ = ["TokenShardsDataModule", "TokenTrainStream", "TokenEvalStream", "read_token_meta", "read_token_set",
+           "META_NAME", "FORMAT"]  # fmt: skip
 
 META_NAME = "meta.json"
 FORMAT = "engram-vision-tokens"
@@ -116,6 +116,25 @@ def token_histogram(spec: str) -> np.ndarray:
         codes, _ = _decode(sample, meta["codebook_size"], grid)
         counts += np.bincount(codes.reshape(-1), minlength=counts.size)
     return counts
+
+
+def read_token_set(spec: str, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out images of token shards `spec` in memory: (tokens int64 [N, h*w] of view 0, labels [N]), in
+    shard order; with `per_class`, the first `per_class` images of each class (a class-balanced subset that
+    is the same on every call)."""
+    meta = read_token_meta(spec)
+    grid = tuple(meta["grid"])
+    rows: list[tuple[np.ndarray, int]] = []
+    taken: dict[int, int] = {}
+    for sample in wds.tarfile_to_samples(select_files=_wanted_member)({"url": u} for u in _token_urls(spec, meta)):
+        codes, label = _decode(sample, meta["codebook_size"], grid)
+        if per_class is not None and taken.get(label, 0) >= per_class:
+            continue
+        taken[label] = taken.get(label, 0) + 1
+        rows.append((codes[0].reshape(-1), label))
+    if not rows:
+        raise ValueError(f"token shards {spec!r} hold no samples")
+    return _collate(rows)
 
 
 class TokenTrainStream(IterableDataset):

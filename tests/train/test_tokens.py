@@ -294,3 +294,18 @@ def test_token_histogram_counts_every_view(val100: Path) -> None:
     for codes, _ in read_tars(val100).values():
         expected += np.bincount(codes.reshape(-1), minlength=64)
     assert counts.sum() == 297 * 2 * 16 and np.array_equal(counts, expected)
+
+
+def test_read_token_set_is_view_zero_in_shard_order_and_class_balanced(val100: Path) -> None:
+    from train.token_data import read_token_set
+
+    samples = read_tars(val100)
+    ordered = [samples[k] for k in sorted(samples, key=int)]  # keys are image indices, in shard order
+    tokens, labels = read_token_set(str(val100))
+    assert tokens.shape == (297, 16) and tokens.dtype == torch.int64
+    assert torch.equal(tokens, torch.from_numpy(np.stack([t[0].reshape(-1) for t, _ in ordered]).astype(np.int64)))
+    assert labels.tolist() == [lab for _, lab in ordered]
+    subset, subset_labels = read_token_set(str(val100), per_class=3)
+    assert torch.bincount(subset_labels, minlength=10).tolist() == [3] * 10
+    first = [i for c in range(10) for i in [j for j, lab in enumerate(labels.tolist()) if lab == c][:3]]
+    assert torch.equal(subset, tokens[sorted(first)])
