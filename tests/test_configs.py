@@ -17,7 +17,7 @@ from train.cli import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/<folder>/ -> the train stage whose CLI reads it
-STAGE_OF_FOLDER = {"vq": "tokenizer", "ar": "ar", "strategy": "ar", "sample": None}
+STAGE_OF_FOLDER = {"vq": "tokenizer", "ar": "ar", "strategy": "ar", "sample": None, "study": None}
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Partial configs (a strategy) are checked on top of this full one.
 BASE_OF_PARTIAL = {"strategy": REPO / "configs" / "ar" / "digits_baseline.yaml"}
@@ -43,6 +43,26 @@ def fake_lpips_hub(tmp_path_factory) -> Path:
     return hub
 
 
+def _check_command_config(path: Path) -> None:
+    from jsonargparse import ArgumentParser
+
+    from sample.__main__ import sample_images
+    from train.study import study
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(sample_images if path.parent.name == "sample" else study)
+    parsed = parser.parse_path(str(path))
+    if path.parent.name == "sample":
+        assert parsed.num_samples >= 1 and parsed.sampling.cfg_scale >= 1.0
+        return
+    built = parser.instantiate(parsed)  # the dataclasses' own checks run here
+    # Every run's training config and the sampling config exist and are themselves checked above.
+    for run in built.runs:
+        assert run.model is not None or (REPO / run.config).is_file(), run
+    assert (REPO / built.sample.config).is_file() and built.baseline in [run.name for run in built.runs]
+    assert built.probes.probe_config().gates == tuple(built.probes.gates)
+
+
 def test_there_are_configs():
     assert any(p.parent.name == "vq" for p in CONFIGS)
 
@@ -52,15 +72,8 @@ def test_config_parses_and_builds_on_meta(path, fake_lpips_hub, monkeypatch):
     if path.parent.name not in STAGE_OF_FOLDER:
         pytest.fail(f"{path} is in a configs/ folder no test knows; add it to STAGE_OF_FOLDER")
     stage = STAGE_OF_FOLDER[path.parent.name]
-    if stage is None:  # a jsonargparse command (python -m sample): parse against its function's signature
-        from jsonargparse import ArgumentParser
-
-        from sample.__main__ import sample_images
-
-        parser = ArgumentParser()
-        parser.add_function_arguments(sample_images)
-        parsed = parser.parse_path(str(path))
-        assert parsed.num_samples >= 1 and parsed.sampling.cfg_scale >= 1.0
+    if stage is None:  # a jsonargparse command (python -m sample / train study): parse against its function
+        _check_command_config(path)
         return
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(fake_lpips_hub))
     base = BASE_OF_PARTIAL.get(path.parent.name)

@@ -1,4 +1,5 @@
-"""LightningCLI entry points, one per trainable stage: `python -m train <stage> <fit|validate|...> ...`.
+"""LightningCLI entry points, one per trainable stage: `python -m train <stage> <fit|validate|...> ...`;
+`python -m train study ...` hands over to the study runner (`train/study.py`).
 
 Stages map to a LightningModule; the data module is chosen in YAML by `class_path` (subclass mode), so a
 new data source is a new class, not a new flag. Every run saves its resolved config beside its logs.
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: python -m train <stage> <fit|validate|test|predict> --config <yaml> [overrides]\n"
-              f"stages: {', '.join(sorted(STAGES))}")
+              f"stages: {', '.join(sorted(STAGES))}\n"
+              "       python -m train study --config configs/study/<name>.yaml   (train/study.py)")
+        return
+    if argv[0] == "study":
+        from train.study import main as study_main
+
+        study_main(argv[1:])
         return
     run_stage(argv[0], argv[1:])
