@@ -1,20 +1,20 @@
-"""`make demo`: the pipeline on the embedded digits, stage by stage, skipping stages already finished.
+"""`make demo`: the whole pipeline on the embedded digits, stage by stage, skipping stages already finished.
 
 1. the digits VQ tokenizer (configs/vq/digits.yaml) -> runs/demo/vq/ (reconstructions.png, metrics.json,
    tokenizer/);
 2. token shards of the train and val splits (centre view only: mirrored digits are other glyphs) ->
    runs/demo/tokens/;
-3. the AR baseline and an iso-parameter Engram model at rho 0.5 (configs/ar/digits_*.yaml, 720 steps
-   each, about 2-3 minutes; the best val checkpoint is exported) -> runs/demo/ar/<name>/ (metrics.json,
-   samples.png, model/);
-4. a domain classifier for digits (metrics/domain.py) -> runs/demo/domain_classifier/, and the tokenizer's
-   PSNR, SSIM and rFID on the val images -> runs/demo/vq/tokenizer/eval_metrics.json;
-5. 1000 class-balanced samples per AR model (configs/sample/digits.yaml) -> runs/demo/samples/<name>/,
-   scored against the training images with the domain classifier: FID, IS, KID, precision/recall and
-   class accuracy -> runs/demo/samples/<name>/metrics.json;
-6. a summary: val NLL against the unigram entropy of the training tokens, and the sample metrics.
+3. a domain classifier for digits (metrics/domain.py) -> runs/demo/domain_classifier/, the reference
+   images, and the tokenizer's PSNR, SSIM and rFID on the val images -> runs/demo/vq/tokenizer/eval_metrics.json;
+4. the study configs/study/digits.yaml (train/study.py): the AR baseline, an iso-parameter Engram model at
+   rho 0.5 and the same with its table frozen at N(0,1) (720 steps each; the best val checkpoint is
+   exported) -> runs/demo/ar/<run>/; 1000 class-balanced samples each scored with the domain classifier
+   (FID, IS, KID, precision/recall, class accuracy) -> runs/demo/samples/<run>/; the gate-clamp, donor and
+   table probes on the 297 held-out digits -> runs/demo/probes/<run>/; and the report ->
+   runs/demo/report.md with figures in runs/demo/figures/;
+5. a summary, ending with where the report is.
 Interrupted stages resume (tokenizer and AR from last.ckpt, extraction shard by shard, sampling batch
-by batch). Later issues (probes, the report) extend this file.
+by batch).
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ import time
 from pathlib import Path
 
 from train.cli import run_stage
+from train.study import main as study_main
 
 RUN_DIR = Path("runs/demo")
 VQ_CONFIG = "configs/vq/digits.yaml"
-SAMPLE_CONFIG = "configs/sample/digits.yaml"
-AR_CONFIGS = {"baseline": "configs/ar/digits_baseline.yaml", "engram_rho0.5": "configs/ar/digits_engram_rho0.5.yaml"}
+STUDY_CONFIG = "configs/study/digits.yaml"  # its `out` is RUN_DIR
 
 
-def _fit(stage: str, config: str, run_dir: Path, export: str) -> dict:
-    """Fit with LightningCLI unless `run_dir/export` exists; resume a half-finished fit from last.ckpt."""
-    if not (run_dir / export / "model.safetensors").is_file():
-        args = ["fit", "--config", config, "--trainer.logger.init_args.save_dir", str(run_dir)]
+def _fit_tokenizer(run_dir: Path) -> dict:
+    """Fit the tokenizer with LightningCLI unless its export exists; resume a half-finished fit."""
+    if not (run_dir / "tokenizer" / "model.safetensors").is_file():
+        args = ["fit", "--config", VQ_CONFIG, "--trainer.logger.init_args.save_dir", str(run_dir)]
         if (run_dir / "checkpoints" / "last.ckpt").is_file():
             args += ["--ckpt_path", "last"]
-        run_stage(stage, args)
+        run_stage("tokenizer", args)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -66,71 +66,72 @@ def unigram_entropy_bits(shards: Path) -> float:
     return float(-(probs * np.log2(probs)).sum())
 
 
-def score_samples(run_dir: Path, names: list[str]) -> dict[str, dict]:
-    """Sample every AR model and score it with the digits domain classifier (each step skipped when done)."""
+def prepare_evaluation(run_dir: Path) -> dict:
+    """The domain classifier, the reference images and the tokenizer's scores (each skipped when done)."""
     import numpy as np
 
     from metrics.domain import train_domain_classifier
-    from metrics.evaluate import evaluate
-    from sample.__main__ import main as sample_main
     from train.digits import digits_split
 
     classifier = run_dir / "domain_classifier"
     if not (classifier / "model.safetensors").is_file():
         train_domain_classifier(classifier, seed=0)
-    reference = run_dir / "reference" / "digits_train.npz"
-    if not reference.is_file():
-        reference.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(reference, arr_0=digits_split("train")[0])
-    val = run_dir / "reference" / "digits_val.npz"
-    if not val.is_file():
-        np.savez(val, arr_0=digits_split("val")[0])
+    (run_dir / "reference").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        path = run_dir / "reference" / f"digits_{split}.npz"
+        if not path.is_file():
+            np.savez(path, arr_0=digits_split(split)[0])
     tokenizer_report = run_dir / "vq" / "tokenizer" / "eval_metrics.json"
     if not tokenizer_report.is_file():
         from metrics.tokenizer_eval import evaluate_tokenizer
 
-        evaluate_tokenizer(str(run_dir / "vq" / "tokenizer"), str(val), extractor="digits-classifier",
-                           weights=str(classifier))
-    results = {"tokenizer": json.loads(tokenizer_report.read_text())}
-    for name in names:
-        out = run_dir / "samples" / name
-        if not (out / "metrics.json").is_file():
-            # Sampling resumes by itself: on a finished folder it only reassembles samples.npz.
-            sample_main(["--config", SAMPLE_CONFIG, "--model", str(run_dir / "ar" / name / "model"),
-                         "--out", str(out)])
-            evaluate(str(out), str(reference), extractor="digits-classifier", weights=str(classifier),
-                     metrics="fid,is,kid,prc,acc", device="cpu", cache_dir=str(run_dir / "reference"),
-                     kid_subset_size=500)
-        results[name] = json.loads((out / "metrics.json").read_text())
-    return results
+        evaluate_tokenizer(str(run_dir / "vq" / "tokenizer"), str(run_dir / "reference" / "digits_val.npz"),
+                           extractor="digits-classifier", weights=str(classifier))
+    return json.loads(tokenizer_report.read_text())
+
+
+def _read(path: Path | None) -> dict:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def summarize(run_dir: Path, entropy: float) -> None:
+    """One line per run of the study: val NLL, sample metrics and the probes' headline numbers."""
+    index = json.loads((run_dir / "study.json").read_text())
+    for entry in index["runs"]:
+        name, rho = entry["name"], entry["rho"]
+        train = _read(run_dir / entry["train_metrics"] if entry["train_metrics"] else None)
+        best = train["best"]["value"] / math.log(2)  # the exported model: best val NLL (nats -> bits)
+        line = f"[demo] {name:<21} rho {rho:.2f}  val NLL {best:.3f} bits ({100 * (1 - best / entropy):.1f}% below unigram)"
+        sample = _read(run_dir / entry["sample_metrics"] if entry["sample_metrics"] else None).get("metrics", {})
+        if sample:
+            line += (f"  FID {sample['fid']:.2f}  IS {sample['inception_score_mean']:.2f}  "
+                     f"class acc {100 * sample['class_accuracy']:.1f}%")
+        probe = _read(run_dir / entry["probe_metrics"] if entry["probe_metrics"] else None)
+        donors, interventions = probe.get("donors", {}), probe.get("interventions", {})
+        if donors and interventions:
+            near, collapse = donors["nearest"]["kl"]["mean"], interventions["collapse"]["kl"]["mean"]
+            sweep = {e["gate"]: e["nll_bits"]["mean"] for e in probe["gate_sweep"]}
+            line += (f"\n[demo] {'':<21} probes: KL nearest donor {near:.3g}, collapse {collapse:.3g} nats; "
+                     f"NLL at gate 0 {sweep[0.0]:.3f}, 0.1 {sweep[0.1]:.3f}, as trained "
+                     f"{probe['nll_bits']['mean']:.3f} bits")
+        print(line)
 
 
 def main() -> None:
     start = time.perf_counter()
-    vq = _fit("tokenizer", VQ_CONFIG, RUN_DIR / "vq", "tokenizer")
+    vq = _fit_tokenizer(RUN_DIR / "vq")
     tokens = extract(RUN_DIR)
-    results = {name: _fit("ar", config, RUN_DIR / "ar" / name, "model") for name, config in AR_CONFIGS.items()}
+    tokenizer_scores = prepare_evaluation(RUN_DIR)["metrics"]
+    report = study_main(["--config", STUDY_CONFIG])
     entropy = unigram_entropy_bits(tokens / "train")
-    scores = score_samples(RUN_DIR, list(AR_CONFIGS))
 
-    m = vq["metrics"]
+    m, t = vq["metrics"], tokenizer_scores
     print(f"\n[demo] tokenizer: val PSNR {m['psnr']:.2f} dB, codebook usage {100 * m['codebook_usage']:.1f}% "
-          f"(perplexity {m['codebook_perplexity']:.1f}) -> {RUN_DIR / 'vq' / 'reconstructions.png'}")
+          f"(perplexity {m['codebook_perplexity']:.1f}); on val: SSIM {t['ssim']:.3f}, domain rFID {t['rfid']:.2f}")
     print(f"[demo] unigram entropy of the training tokens: {entropy:.3f} bits/token")
-    for name, result in results.items():
-        best = result["best"]["value"] / math.log(2)  # the exported model: best val NLL (nats -> bits)
-        final = result["metrics"]["bits_per_token"]
-        print(f"[demo] AR {name:<14} val NLL {best:.3f} bits/token (best; {100 * (1 - best / entropy):.1f}% below "
-              f"unigram), {final:.3f} at step {result['global_step']} -> {RUN_DIR / 'ar' / name / 'samples.png'}")
-    t = scores.pop("tokenizer")["metrics"]
-    print(f"[demo] tokenizer on val: PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}, domain rFID {t['rfid']:.2f}")
-    for name, report in scores.items():
-        m = report["metrics"]
-        print(f"[demo] samples {name:<14} domain FID {m['fid']:.2f}, IS {m['inception_score_mean']:.2f}, "
-              f"class accuracy {100 * m['class_accuracy']:.1f}%, precision {m['precision']:.2f}, recall "
-              f"{m['recall']:.2f} ({report['samples']['num_samples']} samples) -> "
-              f"{RUN_DIR / 'samples' / name / 'metrics.json'}")
+    summarize(RUN_DIR, entropy)
     print(f"[demo] done in {time.perf_counter() - start:.0f} s; everything is under {RUN_DIR}/")
+    print(f"[demo] report: {report}")
 
 
 if __name__ == "__main__":

@@ -202,8 +202,8 @@ def _gate_samples(gpt: Any, run: StudyRun, probe_dir: Path, out: Path, step: Pro
         metrics = sample_and_evaluate(gate_dir / "model", f"{run.name} (gate {float(gate):g})",
                                       gate_dir / "samples", sample, evaluate_step,
                                       (f"--num_samples={step.gate_samples}",))
-        if metrics is not None:
-            entries.append({"gate": float(gate), "metrics": _relative(metrics, out)})
+        entries.append({"gate": float(gate), "metrics": None if metrics is None else _relative(metrics, out),
+                        "samples": _relative(gate_dir / "samples" / "samples.npz", out)})
     return entries
 
 

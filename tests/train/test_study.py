@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -61,7 +62,8 @@ def _study_yaml(workspace: dict[str, Path], out: Path) -> Path:
                  {"name": "engram", "config": str(workspace["engram"])}],
         "sample": {"config": str(workspace["sample"])},
         "probes": {"tokens": str(workspace["root"] / "tokens"), "images_per_class": 4, "batch_size": 16,
-                   "bootstrap_samples": 100, "permutations": 100, "device": "cpu"},
+                   "bootstrap_samples": 100, "permutations": 100, "device": "cpu", "gates": [0.0, 0.5],
+                   "gate_samples": 10},
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -88,7 +90,15 @@ def test_study_runs_every_step_then_skips_finished_runs(workspace, tmp_path, mon
         probe = json.loads((out / entry["probe_metrics"]).read_text())
         assert probe["data"]["num_images"] == 40 and probe["run"] == name
     engram_probe = json.loads((out / runs["engram"]["probe_metrics"]).read_text())
-    assert [e["gate"] for e in engram_probe["gate_sweep"]][-1] == "learned"
+    assert [e["gate"] for e in engram_probe["gate_sweep"]] == [0.0, 0.5, "learned"]
+    # gate_samples: a saved copy per clamped gate, sampled like the runs (no evaluate step: no metrics)
+    assert [(e["gate"], e["metrics"]) for e in engram_probe["gate_samples"]] == [(0.0, None), (0.5, None)]
+    for entry in engram_probe["gate_samples"]:
+        with np.load(out / entry["samples"]) as data:
+            assert data["arr_0"].shape == (10, 16, 16, 3)
+        model_config = json.loads((out / entry["samples"]).parent.parent.joinpath("model", "config.json").read_text())
+        assert model_config["config"]["engram"]["gate"] == entry["gate"]
+    assert "gate_samples" not in json.loads((out / runs["baseline"]["probe_metrics"]).read_text())
     assert set(engram_probe["donors"]) == {"nearest", "farthest", "random_same", "random_other"}
     assert engram_probe["interventions"]["collapse"]["kl"]["mean"] > 0
     assert "engram" in report.read_text()
