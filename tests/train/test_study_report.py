@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.study_report import _sample_grid, build_report, main
+from train.study_figures import sample_grid
+from train.study_report import build_report, main
 
 
 def _write(path: Path, data: dict[str, Any]) -> str:
@@ -191,7 +192,7 @@ def test_sample_grid_layouts(tmp_path: Path, shape: tuple[int, ...], labels: boo
     images = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     extra = {"labels": np.arange(len(images)) % 12} if labels else {}
     np.savez(tmp_path / "samples.npz", images, **extra)
-    _sample_grid(tmp_path / "samples.npz", tmp_path / "grid.png")
+    sample_grid(tmp_path / "samples.npz", tmp_path / "grid.png")
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == size
 
