@@ -29,8 +29,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
 
     def forward(self, x: Tensor, rope: Tensor, cache: tuple[Tensor, Tensor] | None = None,
-                start: int = 0) -> Tensor:
-        """rope [T, hd/2, 2] for these positions; cache (keys, values) [B, kv_heads, capacity, hd] or None."""
+                positions: Tensor | None = None) -> Tensor:
+        """rope [T, hd/2, 2] for these positions; cache (keys, values) [B, kv_heads, capacity, hd] or None;
+        positions [T] (device int64) where this chunk sits in the cache (needed with a cache)."""
         batch, length, _ = x.shape
         kv_size = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
@@ -39,12 +40,14 @@ class Attention(nn.Module):
         v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
         mask = None
         if cache is not None:
+            # Static cache: write at `positions`, attend over the whole cache with a causal mask, so shapes
+            # never change between decode steps and no host value is read (compile / CUDA-graph friendly).
             key_cache, value_cache = cache
-            key_cache[:, :, start:start + length] = k.to(key_cache.dtype)
-            value_cache[:, :, start:start + length] = v.to(value_cache.dtype)
-            k, v = key_cache[:, :, :start + length].to(q.dtype), value_cache[:, :, :start + length].to(q.dtype)
-            if length > 1:  # a chunk: each query sees the cached prefix and the chunk causally
-                mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            key_cache.index_copy_(2, positions, k.to(key_cache.dtype))
+            value_cache.index_copy_(2, positions, v.to(value_cache.dtype))
+            k, v = key_cache.to(q.dtype), value_cache.to(q.dtype)
+            slots = torch.arange(key_cache.shape[2], device=x.device)
+            mask = slots[None, :] <= positions[:, None]  # [T, capacity]
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)

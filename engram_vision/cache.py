@@ -2,8 +2,12 @@
 
 Per attention layer the keys and values of every processed position; the image tokens so far (Engram
 hashes cells up to W+1 back); per Engram layer the tail of normalised values its causal conv needs
-((kernel - 1) x dilation positions). The model writes into the state; the state never computes anything.
-Preallocated, so a decode step allocates nothing new.
+((kernel - 1) x dilation positions); and the number of positions filled, as a device tensor. The model
+writes into the state; the state never computes anything.
+
+The cache is static: every tensor is preallocated at full length and a decode step writes at its position
+(a device tensor) and attends over the whole cache under a mask, so every step has the same shapes, reads
+no host value, and can run as one compiled graph (CUDA graphs on GPU; `sample/generate.py`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,14 @@ class DecodeState:
     """[B, block_size] int64 image tokens; entries at and beyond pos - 1 are not yet written."""
     conv_tails: dict[int, Tensor] = field(default_factory=dict)
     """Per Engram layer id [B, (kernel-1)*dilation, dim] of the most recent normalised gated values."""
-    pos: int = 0
-    """Number of positions processed (position 0 is the class token)."""
+    position: Tensor | None = None
+    """int64 scalar on the caches' device: positions processed so far (position 0 is the class token)."""
+    started: bool = False
+    """Whether the class token has been processed (the first call with this state adds it)."""
+
+    def __post_init__(self) -> None:
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=self.tokens.device)
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, device: torch.device | str | None = None,
@@ -47,6 +57,11 @@ class DecodeState:
             tails = {layer: torch.zeros(batch_size, tail, config.dim, device=device, dtype=dtype)
                      for layer in engram.layers}
         return cls(keys, values, tokens, tails)
+
+    @property
+    def pos(self) -> int:
+        """Positions processed so far, read back to the host (a synchronisation: not for decode loops)."""
+        return int(self.position)
 
     @property
     def batch_size(self) -> int:

@@ -130,15 +130,15 @@ def _check_positions(history: torch.Tensor, positions: torch.Tensor, grid: tuple
     if positions.numel() == 0 or positions.device.type == "meta":
         return
     cells, length = grid[0] * grid[1], history.shape[1]
-    if positions.device.type == "cpu":
+    if positions.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(positions.min()), int(positions.max())
         if low < 0 or high >= cells:
             raise ValueError(f"neighbor_ids: positions span [{low}, {high}], outside the {grid} grid's cells")
         if high > length:
             raise ValueError(f"neighbor_ids: position {high} needs {high} tokens of history, got {length}")
     else:
-        # No host sync on accelerators (it would stall every decode step); a violation is a programming
-        # error and surfaces at the next kernel launch.
+        # No host sync on accelerators or in compiled code (it would stall every decode step); a violation
+        # is a programming error and surfaces at the next kernel launch.
         ok = (positions.min() >= 0) & (positions.max() < cells) & (positions.max() <= length)
         torch._assert_async(ok, "neighbor_ids: positions outside the grid or beyond the history")
 

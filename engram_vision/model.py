@@ -30,13 +30,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.engram = engram
 
-    def forward(self, h: Tensor, rope: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
+    def forward(self, h: Tensor, rope: Tensor, cache: tuple[Tensor, Tensor] | None, positions: Tensor,
                 engram_args: dict | None = None) -> tuple[Tensor, Tensor | None]:
         tail = None
         if self.engram is not None:
             update, tail = self.engram(h, **engram_args)
             h = h + update
-        h = h + self.attention(self.attention_norm(h), rope, cache, start)
+        h = h + self.attention(self.attention_norm(h), rope, cache, positions)
         return h + self.feed_forward(self.ffn_norm(h)), tail
 
 
@@ -116,25 +116,31 @@ class EngramGPT(nn.Module):
         """Logits [B, positions, vocab] in float32.
 
         Without `state`: tokens [B,T] (T <= block_size - 1) are the inputs after the class token; returns
-        T + 1 positions (training: targets are the T + 1 image tokens). With `state`: continues at
-        `state.pos` (the class token is added when it is 0) and writes the caches; returns the new positions.
+        T + 1 positions (training: targets are the T + 1 image tokens). With `state`: the first call adds
+        the class token; each call continues at `state.position`, writes the caches and returns the new
+        positions. Decode steps read no host value, so they compile to one graph (`sample/generate.py`).
         engram_tokens [B,T] / engram_labels [B]: a donor sequence (and its class, which only models with
         `hash_label` read) that the Engram layers hash instead of `tokens` / `labels` (probes only).
         """
         c = self.config
-        start = 0 if state is None else state.pos
-        if start == 0:
+        with_class = state is None or not state.started
+        if with_class:
             self._check_inputs(tokens, labels)
             embeddings = torch.cat([self.cls_embedding(labels, drop=self.training), self.tok_embeddings(tokens)], 1)
         else:
             embeddings = self.tok_embeddings(tokens)
         length = embeddings.shape[1]
-        if start + length > c.seq_len:
-            raise ValueError(f"sequence of {start + length} positions exceeds the model's {c.seq_len}")
-        history = tokens
-        if state is not None:
-            first = max(start - 1, 0)
-            state.tokens[:, first:first + tokens.shape[1]] = tokens
+        offsets = torch.arange(length, device=tokens.device)
+        if state is None:
+            if length > c.seq_len:
+                raise ValueError(f"sequence of {length} positions exceeds the model's {c.seq_len}")
+            positions, history = offsets, tokens
+        else:
+            positions = state.position + offsets
+            # On the device, without a host sync; a violation surfaces at the next kernel launch.
+            torch._assert_async(positions[-1] < c.seq_len, "decoding past the model's sequence length")
+            # The inputs are image tokens at sequence positions p >= 1, i.e. image-token index p - 1.
+            state.tokens.index_copy_(1, positions[int(with_class):] - 1, tokens)
             history = state.tokens
         if engram_tokens is not None:
             if state is not None or engram_tokens.shape != tokens.shape:
@@ -145,17 +151,17 @@ class EngramGPT(nn.Module):
             if state is not None or engram_labels.shape != labels.shape:
                 raise ValueError("engram_labels must match labels' shape and is only used without a state")
             hash_labels = engram_labels
-        positions = torch.arange(start, start + length, device=tokens.device)
         engram_args = {"history": history, "positions": positions, "labels": hash_labels, "code_map": self.code_map}
         h = self.tok_dropout(embeddings)
-        rope = self.rope[start:start + length]
+        rope = self.rope[positions] if state is not None else self.rope[:length]
         for index, block in enumerate(self.layers):
             cache = None if state is None else (state.keys[index], state.values[index])
             if block.engram is not None:
                 engram_args["conv_tail"] = None if state is None else state.conv_tails.get(index)
-            h, tail = block(h, rope, cache, start, engram_args if block.engram is not None else None)
+            h, tail = block(h, rope, cache, positions, engram_args if block.engram is not None else None)
             if state is not None and tail is not None:
-                state.conv_tails[index] = tail
+                state.conv_tails[index].copy_(tail)
         if state is not None:
-            state.pos = start + length
+            state.position.add_(length)
+            state.started = True
         return self.output(self.norm(h)).float()

@@ -42,16 +42,17 @@ class _Sampler(L.LightningModule):
     """predict_step(batch k) -> writes the batch's PNGs; nothing is returned to keep memory flat."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, plan: SamplePlan, labels: torch.Tensor,
-                 sampling: SamplingConfig, seed: int, out: Path):
+                 sampling: SamplingConfig, seed: int, out: Path, compile: bool = False):
         super().__init__()
         self.model, self.tokenizer = model.eval(), tokenizer.eval()
         self.plan, self.labels, self.sampling, self.seed, self.out = plan, labels, sampling, seed, out
+        self.compile = compile
 
     def predict_step(self, batch: int, batch_idx: int) -> None:
         indices = self.plan.indices(int(batch))
         labels = self.labels[indices.start:indices.stop].to(self.device)
         rng = torch.Generator(self.device).manual_seed(batch_seed(self.seed, int(batch)))
-        tokens = generate(self.model, labels, self.sampling, rng)
+        tokens = generate(self.model, labels, self.sampling, rng, compile=self.compile)
         grid = self.model.config.token_grid
         images = self.tokenizer.decode(tokens.reshape(-1, *grid)).float().clamp(-1, 1)
         pixels = ((images + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -74,7 +75,7 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
                   labels: LabelScheme = "uniform", seed: int = 0, batch_size: int = 64,
                   sampling: SamplingConfig = SamplingConfig(), model_size: str | None = None,
                   tokenizer_size: str | None = None, accelerator: str = "auto", devices: int | str = "auto",
-                  strategy: str = "auto", precision: str = "32-true") -> dict[str, Any]:
+                  strategy: str = "auto", precision: str = "32-true", compile: bool = False) -> dict[str, Any]:
     """Sample `num_samples` images and write PNGs, samples.npz and manifest.json into `out`.
 
     Args:
@@ -90,6 +91,8 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
         sampling: CFG scale and schedule, temperature, top-k, top-p, greedy.
         model_size / tokenizer_size: named configs for LlamaGen `.pt` files (e.g. gpt-b, vq-16).
         accelerator, devices, strategy, precision: Lightning Trainer settings (e.g. devices 8, bf16-mixed).
+        compile: compile the decode step (static cache, CUDA graphs on GPU); same images, faster after the
+            first batch, which pays the compile. A last batch of another size compiles once more.
     """
     out_dir = Path(out)
     gpt = load_any_gpt(model, model_size)
@@ -110,7 +113,8 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
     label_plan = plan_labels(num_samples, gpt.config.num_classes, labels, seed)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
                         logger=False, use_distributed_sampler=False, enable_model_summary=False)
-    trainer.predict(_Sampler(gpt, vq, plan, label_plan, sampling, seed, out_dir), _PendingBatches(plan, out_dir),
+    trainer.predict(_Sampler(gpt, vq, plan, label_plan, sampling, seed, out_dir, compile),
+                    _PendingBatches(plan, out_dir),
                     return_predictions=False)
     trainer.strategy.barrier()  # every rank's PNGs are on disk before rank 0 gathers them
     if not trainer.is_global_zero:

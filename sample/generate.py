@@ -3,10 +3,16 @@
 Classifier-free guidance runs the conditional and unconditional halves as one batch of 2B and mixes their
 logits once per step (`sampling.cfg_mix`); token choice is `sampling.sample_next` with an explicit
 generator. Follows LlamaGen's generate (c2i, CFG on raw logits) and gpt-fast's prefill/decode split.
+
+With `compile=True` the decode step's forward is `torch.compile`d once (fixed shapes: the cache is
+static, `engram_vision.cache`; CUDA graphs on GPU via mode "reduce-overhead"); sampling stays eager so the
+explicit generator is honoured. Nothing in the loop reads a device value back to the host.
 The model and its cache are `engram_vision`; writing images is `sample/__main__.py`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -48,18 +54,30 @@ def prefill(model: EngramGPT, labels: Tensor, state: DecodeState, sampling: Samp
 
 @torch.no_grad()
 def decode_one_token(model: EngramGPT, token: Tensor, labels: Tensor, state: DecodeState, step: int,
-                     num_steps: int, sampling: SamplingConfig, rng: torch.Generator) -> Tensor:
-    """Feed image token `step - 1` ([B]) at position `state.pos`; returns image token `step` [B]."""
+                     num_steps: int, sampling: SamplingConfig, rng: torch.Generator,
+                     forward: Callable[..., Tensor] | None = None) -> Tensor:
+    """Feed image token `step - 1` ([B]) at the state's next position; returns image token `step` [B].
+
+    forward: what runs the model (default the model itself; `compiled_decoder(model)` for speed)."""
     batch_labels = guided_labels(model, labels, sampling)
     inputs = token[:, None].repeat(batch_labels.shape[0] // token.shape[0], 1)
-    logits = model(inputs, batch_labels, state)
+    logits = (model if forward is None else forward)(inputs, batch_labels, state)
     return _next_token(logits[:, -1], step, num_steps, sampling, rng)
+
+
+def compiled_decoder(model: EngramGPT, device_type: str) -> Callable[..., Tensor]:
+    """The model's forward compiled for one-token decode steps with a static state (fixed shapes); on
+    CUDA with CUDA graphs ("reduce-overhead"). Compiled code is cached by torch per model."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
 
 
 @torch.no_grad()
 def generate(model: EngramGPT, labels: Tensor, sampling: SamplingConfig, rng: torch.Generator,
-             num_tokens: int | None = None) -> Tensor:
-    """Sample image tokens [B, num_tokens] (default: the whole grid) for class `labels` [B]."""
+             num_tokens: int | None = None, compile: bool = False) -> Tensor:
+    """Sample image tokens [B, num_tokens] (default: the whole grid) for class `labels` [B].
+
+    compile: run decode steps through `compiled_decoder` (the first call per shape pays the compile)."""
     config = model.config
     num_tokens = config.block_size if num_tokens is None else num_tokens
     if not 1 <= num_tokens <= config.block_size:
@@ -67,8 +85,15 @@ def generate(model: EngramGPT, labels: Tensor, sampling: SamplingConfig, rng: to
     rows = labels.shape[0] * (2 if sampling.uses_cfg else 1)
     dtype = next(model.parameters()).dtype
     state = DecodeState.allocate(config, rows, device=labels.device, dtype=dtype)
+    forward = None
+    if compile:
+        forward = compiled_decoder(model, labels.device.type)
+        if labels.device.type == "cuda":  # CUDA graphs replay on fixed addresses: the caches must not move
+            for tensor in [*state.keys, *state.values, state.tokens, state.position, *state.conv_tails.values()]:
+                torch._dynamo.mark_static_address(tensor)
     out = torch.empty(labels.shape[0], num_tokens, dtype=torch.long, device=labels.device)
-    out[:, 0] = prefill(model, labels, state, sampling, rng, num_tokens)
+    out[:, 0] = prefill(model, labels, state, sampling, rng, num_tokens)  # eager: runs once per batch
     for step in range(1, num_tokens):
-        out[:, step] = decode_one_token(model, out[:, step - 1], labels, state, step, num_tokens, sampling, rng)
+        out[:, step] = decode_one_token(model, out[:, step - 1], labels, state, step, num_tokens, sampling, rng,
+                                        forward)
     return out

@@ -90,3 +90,17 @@ def test_cfg_needs_a_null_label():
     model = helpers.random_model(helpers.tiny_config(class_dropout_prob=0.0))
     with pytest.raises(ValueError, match="null label"):
         generate(model, torch.tensor([1]), SamplingConfig(cfg_scale=2.0), torch.Generator())
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_reads_nothing_back():
+    """torch.compile (fullgraph: no graph break, so no host read) on the static cache: same tokens for the
+    same seed, with Engram, its conv tail and CFG; a second batch reuses the compiled code."""
+    model = helpers.random_model(helpers.tiny_config())
+    labels = torch.tensor([1, 2, 3])
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=20)
+    eager = generate(model, labels, sampling, torch.Generator().manual_seed(0))
+    compiled = generate(model, labels, sampling, torch.Generator().manual_seed(0), compile=True)
+    assert torch.equal(compiled, eager)
+    again = generate(model, labels, sampling, torch.Generator().manual_seed(1), compile=True)
+    assert torch.equal(again, generate(model, labels, sampling, torch.Generator().manual_seed(1)))
+    assert not torch.equal(again, eager)
