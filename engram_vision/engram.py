@@ -91,6 +91,11 @@ class EngramMemory(nn.Module):
         if conv_tail is None:
             conv_tail = normed.new_zeros(batch, self.tail_len, self.dim)
         window = torch.cat([conv_tail.to(normed.dtype), normed], dim=1)  # [B, tail + T, dim]
-        # A 'valid' conv over tail + chunk is the causal conv of the whole sequence at these positions.
-        mixed = self.conv(window.transpose(1, 2)).transpose(1, 2)
+        # A 'valid' depthwise conv over tail + chunk is the causal conv of the whole sequence at these
+        # positions. Written as `kernel` shifted multiply-adds (what nn.Conv1d computes with groups=dim):
+        # a handful of elementwise ops, far cheaper than a grouped conv call for one decode position.
+        weight, dilation = self.conv.weight[:, 0].to(window.dtype), self.config.conv_dilation  # [dim, kernel]
+        mixed = window[:, :length] * weight[:, 0]
+        for tap in range(1, self.config.conv_kernel):
+            mixed = mixed + window[:, tap * dilation:tap * dilation + length] * weight[:, tap]
         return values + F.silu(mixed), window[:, window.shape[1] - self.tail_len:]

@@ -20,6 +20,7 @@ the code map is `code_map.py`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -143,6 +144,57 @@ def _check_positions(history: torch.Tensor, positions: torch.Tensor, grid: tuple
         torch._assert_async(ok, "neighbor_ids: positions outside the grid or beyond the history")
 
 
+@functools.lru_cache(maxsize=64)
+def _slot_table(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str) -> torch.Tensor:
+    """int64 [cells, orders, max_slots]: for each target cell and neighbour slot, 1 + the history index it
+    reads, 0 for "outside the image" (the pad column) and for the padding of shorter orders. A pure
+    function of the layout, built once on the CPU: hashing a step is then one gather, not a loop."""
+    height, width = grid
+    cells = torch.arange(height * width)
+    rows, cols = cells // width, cells % width
+    width_slots = max(len(order) for order in orders)
+    table = torch.zeros(height * width, len(orders), width_slots, dtype=torch.int64)
+    for o, order in enumerate(orders):
+        for j, offset in enumerate(order):
+            if mode == "2d":
+                d_row, d_col = offset
+                if not (d_row < 0 or (d_row == 0 and d_col < 0)):  # a later cell would break prefix invariance
+                    raise ValueError(f"neighbor_ids: 2d offset {offset} is not strictly before the target")
+                row, col = rows + d_row, cols + d_col
+                inside = (row >= 0) & (col >= 0) & (col < width)
+                table[:, o, j] = torch.where(inside, row * width + col + 1, 0)
+            elif mode == "raster":
+                if isinstance(offset, tuple) or int(offset) < 1:
+                    raise ValueError(f"neighbor_ids: raster offset {offset} must be an int k >= 1")
+                source = cells - int(offset)
+                table[:, o, j] = torch.where(source >= 0, source + 1, 0)
+            else:
+                raise ValueError(f"neighbor_ids: mode must be '2d' or 'raster', got {mode!r}")
+    return table
+
+
+_DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _slot_table_on(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str, device: torch.device) -> torch.Tensor:
+    # One copy per device, made once (not per decode step); the CPU original is cached by _slot_table.
+    key = (grid, orders, mode, str(device))
+    if key not in _DEVICE_TABLES:
+        _DEVICE_TABLES[key] = _slot_table(grid, orders, mode).to(device)
+    return _DEVICE_TABLES[key]
+
+
+def _gather_slots(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
+                  orders: tuple[tuple, ...], mode: str, pad_id: int) -> torch.Tensor:
+    """Tokens at every neighbour slot: int64 [B, P, orders, max_slots] (pad_id outside the image)."""
+    _check_positions(history, positions, grid)
+    table = _slot_table_on(grid, orders, mode, history.device)
+    # A leading pad column turns "outside" into an ordinary read and also serves an empty history.
+    pad = torch.full((history.shape[0], 1), pad_id, dtype=torch.int64, device=history.device)
+    padded = torch.cat([pad, history.long()], dim=1)  # [B,N+1]
+    return padded[:, table[positions.to(history.device).long()]]
+
+
 def neighbor_ids(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
                  offsets: Sequence[tuple[int, int]] | Sequence[int], mode: str, pad_id: int) -> torch.Tensor:
     """Tokens of the causal neighbourhood of each target cell.
@@ -152,31 +204,7 @@ def neighbor_ids(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int
     per neighbour in `2d` mode, k >= 1 (index p - k, crossing row ends) in `raster` mode.
     Returns int64 [B,P,n]: the token at each neighbour, `pad_id` where it lies outside the image.
     """
-    _check_positions(history, positions, grid)
-    width = grid[1]
-    positions = positions.to(history.device).long()  # rows come back on the history's device
-    rows, cols = positions // width, positions % width
-    index = []  # per neighbour: 1 + history index, or 0 for "outside" (the pad column below)
-    for offset in offsets:  # a handful of neighbours; everything per position is vectorised
-        if mode == "2d":
-            d_row, d_col = offset  # type: ignore[misc]
-            if not (d_row < 0 or (d_row == 0 and d_col < 0)):  # a later cell would break prefix invariance
-                raise ValueError(f"neighbor_ids: 2d offset {offset} is not strictly before the target")
-            row, col = rows + d_row, cols + d_col
-            inside = (row >= 0) & (col >= 0) & (col < width)
-            index.append(torch.where(inside, row * width + col + 1, 0))
-        elif mode == "raster":
-            if isinstance(offset, tuple) or int(offset) < 1:
-                raise ValueError(f"neighbor_ids: raster offset {offset} must be an int k >= 1")
-            source = positions - int(offset)
-            index.append(torch.where(source >= 0, source + 1, 0))
-        else:
-            raise ValueError(f"neighbor_ids: mode must be '2d' or 'raster', got {mode!r}")
-    gather = torch.stack(index, dim=-1)  # [P,n]
-    # A leading pad column turns "outside" into an ordinary read and also serves an empty history.
-    pad = torch.full((history.shape[0], 1), pad_id, dtype=torch.int64, device=history.device)
-    padded = torch.cat([pad, history.long()], dim=1)  # [B,N+1]
-    return padded[:, gather]  # [B,P,n]
+    return _gather_slots(history, positions, grid, (tuple(offsets),), mode, pad_id)[:, :, 0]
 
 
 def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
@@ -189,32 +217,40 @@ def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: tor
     code_map: int [num_codes + 1] raw id (pad_id included) -> canonical id (PAD -> config.code_map),
     required exactly when `config.code_map` is set. Returns int64 [B,P,num_heads] with head k of order o
     (k counted over all orders, order-major) in [offsets[k], offsets[k] + primes[k]).
+
+    All orders at once, in a handful of ops: one gather of every neighbour slot, one multiply, an XOR over
+    the slots (shorter orders are padded with multiplier 0, and x ^ 0 = x), one modulus per head.
     """
     if (code_map is None) != (config.code_map is None):
         raise ValueError(f"hash_rows: config.code_map={config.code_map} needs a code_map tensor exactly when "
                          f"set (got {'none' if code_map is None else 'one'}); unmapped ids would break the "
                          f"multiplier bound")
     device = tokens_history.device
-    multipliers = params.multipliers.to(device)
-    mixes = []
-    for order in config.neighborhoods:
-        offsets = [neighbor_offset(spec, config.mode) for spec in order]
-        ids = neighbor_ids(tokens_history, positions, grid, offsets, config.mode, pad_id)  # [B,P,n]
-        if code_map is not None:
-            ids = code_map.to(device)[ids]
-        products = ids * multipliers[: ids.shape[-1]]
-        mix = products[..., 0]
-        for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
-            mix = mix ^ products[..., slot]
-        mixes.append(mix)
-    mix = torch.stack(mixes, dim=-1)  # [B,P,orders]
+    orders = tuple(tuple(neighbor_offset(spec, config.mode) for spec in order) for order in config.neighborhoods)
+    ids = _gather_slots(tokens_history, positions, grid, orders, config.mode, pad_id)  # [B,P,O,S]
+    if code_map is not None:
+        ids = code_map.to(device)[ids]
+    products = ids * _slot_multipliers(params.multipliers, orders, device)
+    mix = products[..., 0]
+    for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
+        mix = mix ^ products[..., slot]
     if config.hash_label:
         if labels is None:
             raise ValueError("hash_rows: config.hash_label is set but labels is None")
-        mix = mix ^ (labels.to(device).long() * multipliers[-1])[:, None, None]
+        mix = mix ^ (labels.to(device).long() * params.multipliers[-1].to(device))[:, None, None]
     # The products are non-negative and below 2**63, so the XOR is too and `%` is the plain modulus.
     mix = mix.repeat_interleave(config.heads_per_order, dim=-1)  # [B,P,num_heads]
     return mix % params.primes.to(device) + params.offsets.to(device)
+
+
+def _slot_multipliers(multipliers: torch.Tensor, orders: tuple[tuple, ...], device: torch.device) -> torch.Tensor:
+    """[orders, max_slots]: slot j of every order uses multiplier j; padding slots 0."""
+    width = max(len(order) for order in orders)
+    key = ("valid", orders, str(device))
+    if key not in _DEVICE_TABLES:
+        _DEVICE_TABLES[key] = torch.tensor([[j < len(order) for j in range(width)] for order in orders],
+                                           device=device)
+    return multipliers.to(device)[:width] * _DEVICE_TABLES[key]
 
 
 __all__ = ["HashParams", "hash_rows", "hashable_id_bound", "make_hash_params", "neighbor_ids"]
