@@ -20,7 +20,6 @@ the code map is `code_map.py`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -144,11 +143,10 @@ def _check_positions(history: torch.Tensor, positions: torch.Tensor, grid: tuple
         torch._assert_async(ok, "neighbor_ids: positions outside the grid or beyond the history")
 
 
-@functools.lru_cache(maxsize=64)
-def _slot_table(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str) -> torch.Tensor:
+def _build_slot_table(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str) -> torch.Tensor:
     """int64 [cells, orders, max_slots]: for each target cell and neighbour slot, 1 + the history index it
     reads, 0 for "outside the image" (the pad column) and for the padding of shorter orders. A pure
-    function of the layout, built once on the CPU: hashing a step is then one gather, not a loop."""
+    function of the layout: hashing a step is then one gather, not a loop."""
     height, width = grid
     cells = torch.arange(height * width)
     rows, cols = cells // width, cells % width
@@ -173,22 +171,26 @@ def _slot_table(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str) -> 
     return table
 
 
-_DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
+_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _slot_table_on(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str, device: torch.device) -> torch.Tensor:
-    # One copy per device, made once (not per decode step); the CPU original is cached by _slot_table.
+def _slot_layout(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot table [cells, orders, max_slots], which slots are real [orders, max_slots]) on `device`, built
+    once per layout and device (not per decode step)."""
     key = (grid, orders, mode, str(device))
-    if key not in _DEVICE_TABLES:
-        _DEVICE_TABLES[key] = _slot_table(grid, orders, mode).to(device)
-    return _DEVICE_TABLES[key]
+    if key not in _LAYOUTS:
+        width = max(len(order) for order in orders)
+        valid = torch.tensor([[j < len(order) for j in range(width)] for order in orders])
+        _LAYOUTS[key] = (_build_slot_table(grid, orders, mode).to(device), valid.to(device))
+    return _LAYOUTS[key]
 
 
 def _gather_slots(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
                   orders: tuple[tuple, ...], mode: str, pad_id: int) -> torch.Tensor:
     """Tokens at every neighbour slot: int64 [B, P, orders, max_slots] (pad_id outside the image)."""
     _check_positions(history, positions, grid)
-    table = _slot_table_on(grid, orders, mode, history.device)
+    table, _ = _slot_layout(grid, orders, mode, history.device)
     # A leading pad column turns "outside" into an ordinary read and also serves an empty history.
     pad = torch.full((history.shape[0], 1), pad_id, dtype=torch.int64, device=history.device)
     padded = torch.cat([pad, history.long()], dim=1)  # [B,N+1]
@@ -230,7 +232,9 @@ def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: tor
     ids = _gather_slots(tokens_history, positions, grid, orders, config.mode, pad_id)  # [B,P,O,S]
     if code_map is not None:
         ids = code_map.to(device)[ids]
-    products = ids * _slot_multipliers(params.multipliers, orders, device)
+    _, valid = _slot_layout(grid, orders, config.mode, device)
+    # Slot j of every order uses multiplier j; padding slots get 0 (x ^ 0 = x in the XOR below).
+    products = ids * (params.multipliers.to(device)[:valid.shape[1]] * valid)
     mix = products[..., 0]
     for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
         mix = mix ^ products[..., slot]
@@ -241,16 +245,6 @@ def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: tor
     # The products are non-negative and below 2**63, so the XOR is too and `%` is the plain modulus.
     mix = mix.repeat_interleave(config.heads_per_order, dim=-1)  # [B,P,num_heads]
     return mix % params.primes.to(device) + params.offsets.to(device)
-
-
-def _slot_multipliers(multipliers: torch.Tensor, orders: tuple[tuple, ...], device: torch.device) -> torch.Tensor:
-    """[orders, max_slots]: slot j of every order uses multiplier j; padding slots 0."""
-    width = max(len(order) for order in orders)
-    key = ("valid", orders, str(device))
-    if key not in _DEVICE_TABLES:
-        _DEVICE_TABLES[key] = torch.tensor([[j < len(order) for j in range(width)] for order in orders],
-                                           device=device)
-    return multipliers.to(device)[:width] * _DEVICE_TABLES[key]
 
 
 __all__ = ["HashParams", "hash_rows", "hashable_id_bound", "make_hash_params", "neighbor_ids"]
