@@ -3,7 +3,8 @@ gate and a causal depthwise conv – returning the residual update Y for a block
 
 Follows DeepSeek's Engram reference (arXiv 2601.07372): gate = sigmoid(signed_sqrt(<RMSNorm(h),
 RMSNorm(W_K e)> / sqrt(d))), y = gate * W_V e, Y = y + SiLU(conv(RMSNorm(y))). Which rows to read is
-`hashing.py`; where the layer sits and how the conv tail is carried across decode steps is `model.py`.
+`hashing.py` (the model hashes all layers at once and hands each its row ids); where the layer sits and
+how the conv tail is carried across decode steps is `model.py`; tables kept in host memory `host_table.py`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engram_vision.config import EngramConfig, ModelConfig
-from engram_vision.hashing import HashParams, hash_rows
+from engram_vision.hashing import HashParams
+from engram_vision.host_table import HostTable, RowFetch
 from engram_vision.layers import RMSNorm
 
 
 class EngramMemory(nn.Module):
-    """Y [B,T,dim] for hidden states h [B,T,dim] at positions `positions` given the image tokens so far."""
+    """Y [B,T,dim] for hidden states h [B,T,dim] given the table rows [B,T,heads] hashed for them."""
 
     def __init__(self, config: EngramConfig, model: ModelConfig, params: HashParams):
         super().__init__()
@@ -30,14 +32,17 @@ class EngramMemory(nn.Module):
         self.pad_id = model.vocab_size
         self.dim = model.dim
         self.gate: str | float = config.gate
-        self.table = nn.Embedding(params.total_rows, config.head_dim)
+        table_type = HostTable if config.table_device == "host" else nn.Embedding
+        self.table = table_type(params.total_rows, config.head_dim)
         self.table.weight.requires_grad_(config.table == "trainable")
         # Stored in the checkpoint, so a model always hashes with the constants it was trained with.
         self.register_buffer("multipliers", params.multipliers.clone())
         self.register_buffer("primes", params.primes.clone())
         self.register_buffer("offsets", params.offsets.clone())
-        self.key_proj = nn.Linear(config.memory_dim, model.dim, bias=False)
-        self.value_proj = nn.Linear(config.memory_dim, model.dim, bias=False)
+        # W_K and W_V as one matmul: rows [0, dim) are W_K, rows [dim, 2 dim) W_V. Checkpoints with separate
+        # key_proj/value_proj weights are fused on load (`_fuse_key_value`).
+        self.key_value_proj = nn.Linear(config.memory_dim, 2 * model.dim, bias=False)
+        self.register_load_state_dict_pre_hook(_fuse_key_value)
         self.norm_query = RMSNorm(model.dim, model.norm_eps)
         self.norm_key = RMSNorm(model.dim, model.norm_eps)
         # Identity on the gate values [B,T,1]: a place for forward hooks (training logs gate statistics)
@@ -59,11 +64,10 @@ class EngramMemory(nn.Module):
     def hash_params(self) -> HashParams:
         return HashParams(self.layer_id, self.multipliers, self.primes, self.offsets, self.table.num_embeddings)
 
-    def rows(self, history: Tensor, positions: Tensor, labels: Tensor | None,
-             code_map: Tensor | None = None) -> Tensor:
-        """Global table rows [B,T,heads] read at `positions` given image tokens `history` [B,N]."""
-        return hash_rows(history, positions, labels, self.grid, self.config, self.hash_params(), self.pad_id,
-                         code_map)
+    def prefetch(self, rows: Tensor) -> Tensor | RowFetch:
+        """What `forward` should get as `rows`: the ids themselves, or for a host table a fetch started now
+        (so the host gathers the rows while earlier blocks run)."""
+        return self.table.fetch(rows) if isinstance(self.table, HostTable) and self.gate != "off" else rows
 
     def gate_values(self, h: Tensor, keys: Tensor) -> Tensor:
         """alpha [B,T,1] in [0,1]."""
@@ -74,17 +78,18 @@ class EngramMemory(nn.Module):
             score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
         return torch.sigmoid(score)
 
-    def forward(self, h: Tensor, history: Tensor, positions: Tensor, labels: Tensor | None,
-                code_map: Tensor | None = None, conv_tail: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(Y [B,T,dim], new conv tail [B,tail,dim] or None). `conv_tail` holds the normalised values of the
+    def forward(self, h: Tensor, rows: Tensor | RowFetch,
+                conv_tail: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(Y [B,T,dim], new conv tail [B,tail,dim] or None). rows: this layer's table rows [B,T,heads]
+        (`hashing.hash_rows`), or `prefetch(rows)`. `conv_tail` holds the normalised values of the
         positions just before these (zeros, i.e. None, at the start of a sequence)."""
         batch, length, _ = h.shape
         if self.gate == "off":
             values = h.new_zeros(batch, length, self.dim)
         else:
-            memory = self.table(self.rows(history, positions, labels, code_map)).flatten(-2)  # [B,T,d_mem]
-            memory = memory.to(h.dtype)
-            values = self.gate_probe(self.gate_values(h, self.key_proj(memory))) * self.value_proj(memory)
+            memory = self.table(rows).flatten(-2).to(h.dtype)  # [B,T,d_mem]: one gather for all heads
+            keys, values = self.key_value_proj(memory).split(self.dim, dim=-1)
+            values = self.gate_probe(self.gate_values(h, keys)) * values
         if not self.config.use_conv:
             return values, None
         normed = self.conv_norm(values)
@@ -99,3 +104,12 @@ class EngramMemory(nn.Module):
         for tap in range(1, self.config.conv_kernel):
             mixed = mixed + window[:, tap * dilation:tap * dilation + length] * weight[:, tap]
         return values + F.silu(mixed), window[:, window.shape[1] - self.tail_len:]
+
+
+def _fuse_key_value(module: EngramMemory, state_dict: dict, prefix: str, *args) -> None:
+    """Load hook: checkpoints written before the fused projection hold `key_proj.weight` and
+    `value_proj.weight`; stack them into `key_value_proj.weight` (W_K rows first)."""
+    key, value = state_dict.get(prefix + "key_proj.weight"), state_dict.get(prefix + "value_proj.weight")
+    if key is not None and value is not None and prefix + "key_value_proj.weight" not in state_dict:
+        state_dict[prefix + "key_value_proj.weight"] = torch.cat([state_dict.pop(prefix + "key_proj.weight"),
+                                                                  state_dict.pop(prefix + "value_proj.weight")])

@@ -6,7 +6,7 @@ Pure functions on torch int64 tensors (on the input's device, no state, determin
   with `pad_id` for cells outside the image;
 - `make_hash_params` draws the per-layer odd multipliers and the distinct per-head primes;
 - `hash_rows` mixes the neighbour ids (optionally through a code map and with the class label) into one
-  global row id per head of a layer's single table.
+  global row id per head of a layer's single table; `hash_rows_layers` does it for all layers at once.
 
 Sequence convention: model position p (0 = class token, p >= 1 = image token p-1) predicts image token p at
 grid cell divmod(p, W), so the neighbourhood of position p only reads image tokens q < p. Holding the tables,
@@ -219,9 +219,21 @@ def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: tor
     code_map: int [num_codes + 1] raw id (pad_id included) -> canonical id (PAD -> config.code_map),
     required exactly when `config.code_map` is set. Returns int64 [B,P,num_heads] with head k of order o
     (k counted over all orders, order-major) in [offsets[k], offsets[k] + primes[k]).
+    """
+    return hash_rows_layers(tokens_history, positions, labels, grid, config, params.multipliers[None],
+                            params.primes[None], params.offsets[None], pad_id, code_map)[0]
 
-    All orders at once, in a handful of ops: one gather of every neighbour slot, one multiply, an XOR over
-    the slots (shorter orders are padded with multiplier 0, and x ^ 0 = x), one modulus per head.
+
+def hash_rows_layers(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
+                     grid: tuple[int, int], config: EngramConfig, multipliers: torch.Tensor,
+                     primes: torch.Tensor, offsets: torch.Tensor, pad_id: int,
+                     code_map: torch.Tensor | None = None) -> torch.Tensor:
+    """`hash_rows` of L layers at once: int64 [L,B,P,num_heads] from the layers' stacked constants
+    (multipliers [L, max_slots + 1], primes and offsets [L, num_heads]).
+
+    Every layer hashes the same neighbourhood, so a forward needs one gather of every neighbour slot of
+    every order; then one multiply by all layers' multipliers, an XOR over the few slots (shorter orders
+    are padded with multiplier 0, and x ^ 0 = x) and one modulus per head.
     """
     if (code_map is None) != (config.code_map is None):
         raise ValueError(f"hash_rows: config.code_map={config.code_map} needs a code_map tensor exactly when "
@@ -233,18 +245,21 @@ def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: tor
     if code_map is not None:
         ids = code_map.to(device)[ids]
     _, valid = _slot_layout(grid, orders, config.mode, device)
-    # Slot j of every order uses multiplier j; padding slots get 0 (x ^ 0 = x in the XOR below).
-    products = ids * (params.multipliers.to(device)[:valid.shape[1]] * valid)
+    multipliers = multipliers.to(device)
+    # Slot j of every order uses multiplier j; padding slots get 0. [L,1,1,O,S] against ids [B,P,O,S].
+    slot_multipliers = multipliers[:, None, None, None, :valid.shape[1]] * valid
+    products = ids * slot_multipliers  # [L,B,P,O,S]
     mix = products[..., 0]
     for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
         mix = mix ^ products[..., slot]
     if config.hash_label:
         if labels is None:
             raise ValueError("hash_rows: config.hash_label is set but labels is None")
-        mix = mix ^ (labels.to(device).long() * params.multipliers[-1].to(device))[:, None, None]
+        label_terms = labels.to(device).long()[None, :] * multipliers[:, -1:]  # [L,B]
+        mix = mix ^ label_terms[:, :, None, None]
     # The products are non-negative and below 2**63, so the XOR is too and `%` is the plain modulus.
-    mix = mix.repeat_interleave(config.heads_per_order, dim=-1)  # [B,P,num_heads]
-    return mix % params.primes.to(device) + params.offsets.to(device)
+    mix = mix.repeat_interleave(config.heads_per_order, dim=-1)  # [L,B,P,num_heads]
+    return mix % primes.to(device)[:, None, None] + offsets.to(device)[:, None, None]
 
 
-__all__ = ["HashParams", "hash_rows", "hashable_id_bound", "make_hash_params", "neighbor_ids"]
+__all__ = ["HashParams", "hash_rows", "hash_rows_layers", "hashable_id_bound", "make_hash_params", "neighbor_ids"]

@@ -15,7 +15,7 @@ from engram_vision.attention import Attention
 from engram_vision.cache import DecodeState
 from engram_vision.config import ModelConfig
 from engram_vision.engram import EngramMemory
-from engram_vision.hashing import make_hash_params
+from engram_vision.hashing import hash_rows_layers, make_hash_params
 from engram_vision.layers import FeedForward, LabelEmbedder, RMSNorm, rope_2d_table
 
 
@@ -32,6 +32,7 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, rope: Tensor, cache: tuple[Tensor, Tensor] | None, positions: Tensor,
                 engram_args: dict | None = None) -> tuple[Tensor, Tensor | None]:
+        """engram_args: the Engram layer's `rows` (and `conv_tail` when decoding)."""
         tail = None
         if self.engram is not None:
             update, tail = self.engram(h, **engram_args)
@@ -47,8 +48,6 @@ class EngramGPT(nn.Module):
         super().__init__()
         self.config = config
         engram = config.engram
-        if engram is not None and engram.table_device == "host":
-            raise ValueError("EngramConfig.table_device='host' (pinned host tables) is not implemented yet")
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
@@ -94,6 +93,15 @@ class EngramGPT(nn.Module):
 
     def engram_layers(self) -> list[EngramMemory]:
         return [block.engram for block in self.layers if block.engram is not None]
+
+    def engram_rows(self, history: Tensor, positions: Tensor, labels: Tensor) -> Tensor:
+        """Table rows of every Engram layer, int64 [layers, B, P, heads], hashed together on the tokens'
+        device (the neighbourhood gather is shared; only multipliers and primes differ per layer)."""
+        memories = self.engram_layers()
+        stacked = [torch.stack([getattr(memory, name) for memory in memories])
+                   for name in ("multipliers", "primes", "offsets")]
+        return hash_rows_layers(history, positions, labels, self.config.token_grid, self.config.engram, *stacked,
+                                pad_id=self.config.vocab_size, code_map=self.code_map)
 
     def _check_inputs(self, tokens: Tensor, labels: Tensor) -> None:
         c = self.config
@@ -151,14 +159,21 @@ class EngramGPT(nn.Module):
             if state is not None or engram_labels.shape != labels.shape:
                 raise ValueError("engram_labels must match labels' shape and is only used without a state")
             hash_labels = engram_labels
-        engram_args = {"history": history, "positions": positions, "labels": hash_labels, "code_map": self.code_map}
+        rows = {}
+        if c.engram is not None:
+            # Hashed once for all layers, from tokens alone: host tables start fetching their rows here,
+            # before the blocks are queued.
+            all_rows = self.engram_rows(history, positions, hash_labels)
+            rows = {memory.layer_id: memory.prefetch(layer_rows)
+                    for memory, layer_rows in zip(self.engram_layers(), all_rows, strict=True)}
         h = self.tok_dropout(embeddings)
         rope = self.rope[positions] if state is not None else self.rope[:length]
         for index, block in enumerate(self.layers):
             cache = None if state is None else (state.keys[index], state.values[index])
+            engram_args = None
             if block.engram is not None:
-                engram_args["conv_tail"] = None if state is None else state.conv_tails.get(index)
-            h, tail = block(h, rope, cache, positions, engram_args if block.engram is not None else None)
+                engram_args = {"rows": rows[index], "conv_tail": None if state is None else state.conv_tails.get(index)}
+            h, tail = block(h, rope, cache, positions, engram_args)
             if state is not None and tail is not None:
                 state.conv_tails[index].copy_(tail)
         if state is not None:

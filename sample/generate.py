@@ -68,6 +68,10 @@ def decode_one_token(model: EngramGPT, token: Tensor, labels: Tensor, state: Dec
 def compiled_decoder(model: EngramGPT, device_type: str) -> Callable[..., Tensor]:
     """The model's forward compiled for one-token decode steps with a static state (fixed shapes); on
     CUDA with CUDA graphs ("reduce-overhead"). Compiled code is cached by torch per model."""
+    engram = model.config.engram
+    if engram is not None and engram.table_device == "host":
+        raise ValueError("EngramConfig.table_device='host' reads rows through the host every step and cannot "
+                         "be compiled; decode eagerly (compile=False) or keep the tables on the device")
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
 

@@ -100,7 +100,7 @@ def test_frozen_table_gets_no_gradient_and_no_optimizer_group():
     model = helpers.random_model(config).train()
     model(torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])).square().mean().backward()
     for memory in model.engram_layers():
-        assert memory.table.weight.grad is None and memory.key_proj.weight.grad is not None
+        assert memory.table.weight.grad is None and memory.key_value_proj.weight.grad is not None
     groups = {g["name"]: g for g in param_groups(model, lr=1e-4, weight_decay=0.05)}
     assert "engram_tables" not in groups
 

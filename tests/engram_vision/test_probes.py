@@ -89,7 +89,8 @@ def _memory_driven_model() -> torch.nn.Module:
     engram = replace(helpers.TINY_ENGRAM, layers=(0,), gate=1.0, use_conv=False)
     model = helpers.random_model(helpers.tiny_config(engram))
     with torch.no_grad():
-        model.engram_layers()[0].value_proj.weight.mul_(200.0)
+        memory = model.engram_layers()[0]
+        memory.key_value_proj.weight[memory.dim:].mul_(200.0)  # W_V rows
     return model
 
 
