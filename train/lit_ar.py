@@ -2,7 +2,8 @@
 
 Cross-entropy over all image tokens; AdamW over `engram_vision.param_groups` (Engram tables apart, lr x 5,
 no weight decay, absent when frozen); constant or warmup + cosine schedule; logs loss, bits per token,
-tokens/s and, per Engram layer, the mean and spread of the gate. Gradient clipping and precision are
+tokens/s and, per Engram layer, the mean and spread of the gate; `flops_per_batch` is what
+`train.throughput.TokenThroughput` turns into FLOP/s and MFU. Gradient clipping and precision are
 Trainer settings; EMA is Lightning's `EMAWeightAveraging` callback (its weights are what checkpoints hold
 and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/token_data.py`.
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engram_vision.budget import flops_per_token
 from engram_vision.config import ModelConfig
 from engram_vision.model import EngramGPT
 from engram_vision.param_groups import param_groups
@@ -66,11 +68,20 @@ class LitAR(L.LightningModule):
                                    "code_map_tokenizer": code_map_tokenizer})
         self.model = EngramGPT(model)
         if compile:
+            if model.engram is not None and model.engram.table_device == "host":
+                raise ValueError("LitAR: compile=True cannot trace host tables (EngramConfig.table_device='host' "
+                                 "reads rows through the host); set table_device='device' or compile=False")
             self.model.compile()
         self._gate_values: dict[int, Tensor] = {}
         for memory in self.model.engram_layers():
             memory.gate_probe.register_forward_hook(self._record_gate(memory.layer_id))
         self._last_step_time: float | None = None
+        self._last_batch_tokens = 0
+
+    @property
+    def flops_per_batch(self) -> float:
+        """Model FLOPs of the last training batch: forward and backward (3 x forward), attention included."""
+        return 3.0 * flops_per_token(self.model.config) * self._last_batch_tokens
 
     def _record_gate(self, layer: int):
         def hook(module, inputs, output: Tensor) -> None:
@@ -117,6 +128,7 @@ class LitAR(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         tokens, labels = batch
         loss = self._nll(tokens, labels)
+        self._last_batch_tokens = tokens.numel()
         now = time.perf_counter()
         if self._last_step_time is not None:  # steady-state throughput: tokens per wall second between steps
             self.log("train/tokens_per_s", tokens.numel() / (now - self._last_step_time))

@@ -106,6 +106,7 @@ def render(data: DataSet, name: str, config: ModelConfig, note: str) -> str:
     callbacks = ("  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                  f"      init_args: {data.checkpoint}\n"
                  "    - class_path: train.callbacks.MetricsJson\n"
+                 "    - class_path: train.throughput.TokenThroughput   # tokens/s, FLOP/s, MFU (GPUs)\n"
                  "    - class_path: train.callbacks.ExportModel\n"
                  f"      init_args: {{dirname: model, use_best: {str(data.export_best).lower()}}}\n"
                  f"    - class_path: train.callbacks.SampleGrid\n      init_args: {data.sample_grid}\n")
