@@ -3,10 +3,13 @@
 
 Stages map to a LightningModule; the data module is chosen in YAML by `class_path` (subclass mode), so a
 new data source is a new class, not a new flag. Every run saves its resolved config beside its logs.
+A checkpoint restored with `--ckpt_path` is read with `weights_only=True` unless the command line or a
+config says `--weights_only false` (Lightning otherwise defers to torch, whose default was False before 2.6).
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -30,12 +33,23 @@ def _ar_module() -> type[L.LightningModule]:
 STAGES: dict[str, Callable[[], type[L.LightningModule]]] = {"tokenizer": _tokenizer_module, "ar": _ar_module}
 
 
+def with_safe_loading(args: list[str]) -> list[str]:
+    """`args` with `--weights_only=true` right after the subcommand (when this Lightning takes it), so any
+    `--ckpt_path` is unpickled without running code; a later `--weights_only` or config value still wins."""
+    subcommand = args[0] if args else None
+    if subcommand not in LightningCLI.subcommands():
+        return list(args)
+    if "weights_only" not in inspect.signature(getattr(L.Trainer, subcommand)).parameters:
+        return list(args)
+    return [subcommand, "--weights_only=true", *args[1:]]
+
+
 def run_stage(stage: str, args: list[str]) -> LightningCLI:
     """Run LightningCLI for `stage` with command-line `args` (e.g. `["fit", "--config", "x.yaml"]`)."""
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
-    return LightningCLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=args,
-                        save_config_kwargs={"overwrite": True})
+    return LightningCLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True,
+                        args=with_safe_loading(args), save_config_kwargs={"overwrite": True})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,7 +68,7 @@ def test_resume_from_last_ckpt_continues_steps_and_optimizer(tmp_path):
         LitAR(config, schedule="cosine", warmup_steps=2, total_steps=10), Tokens())
     resumed = LitAR(config, schedule="cosine", warmup_steps=2, total_steps=10)
     trainer = _trainer(max_steps=6, limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
-    trainer.fit(resumed, Tokens(), ckpt_path=str(tmp_path / "last.ckpt"))
+    trainer.fit(resumed, Tokens(), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
     assert trainer.global_step == 6
     optimizer = trainer.optimizers[0]
     assert {float(s["step"]) for s in optimizer.state_dict()["state"].values()} == {6.0}

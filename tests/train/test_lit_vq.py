@@ -64,7 +64,7 @@ def test_resume_from_last_ckpt_continues_step_and_optimizer(tmp_path):
 
     resumed = LitVQ(TINY, VQLossConfig(perceptual_weight=0.0, disc_weight=0.0), lr=1e-3)
     trainer = _trainer(max_steps=5, limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
-    trainer.fit(resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    trainer.fit(resumed, data, ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
     assert trainer.global_step == 5 and int(resumed.iterations) == 5
     adam_state = trainer.optimizers[0].state_dict()["state"]
     assert float(next(iter(adam_state.values()))["step"]) == 5.0  # optimizer moments carried over

@@ -1,0 +1,463 @@
+"""Security: nothing this project reads from disk can run code.
+
+1. A scan of every `.py` file in the repository (outside `.venv`, build and run folders) fails, listing
+   `file:line`, on: `torch.load` (or `torch.hub.load_state_dict_from_url`, `load_from_checkpoint`, a
+   Lightning `ckpt_path=` restore) without a literal `weights_only=True`; pickle, `_pickle`, dill,
+   cloudpickle, marshal, joblib, shelve or pandas unpickling; `np.load(..., allow_pickle=True)`;
+   `yaml.load` without a safe Loader, `yaml.unsafe_load`/`full_load`; the builtins `eval`/`exec`/`compile`
+   (not `model.eval()`) and `__import__` of a non-literal; `shell=True`, `os.system`, `os.popen`; torch
+   safe-globals beyond `argparse.Namespace`; webdataset decoders (`.decode()` on a pipeline, `wds.decode`,
+   `autodecode`), which would unpickle `.pyd`/`.pth`/`.pickle` members. The scanner is itself tested on
+   snippets of each pattern (flagged) and of their safe equivalents (not flagged). `ALLOWED` lists the
+   few reviewed exceptions by file, rule and line text.
+2. LlamaGen `.pt` loaders and a `--ckpt_path` resume through `train.cli` refuse a file whose unpickling
+   would create a marker file (it is never created), while argparse.Namespace + tensors still load.
+3. Token- and image-shard readers read every sample of a shard whose samples also carry malicious
+   `.pyd`/`.pth`/`.pickle` members, and never open those members.
+
+The scan reads our source text only; what third-party libraries do inside is out of its reach
+(torch-fidelity unpickles a tensors-only file we re-save, see `metrics/features.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import json
+import os
+import pickle
+import types
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+_SKIP_DIRS = {"build", "dist", "runs", "lightning_logs", "__pycache__", "node_modules", "site-packages"}
+
+# (path relative to the repo, rule, the flagged line's text) -> why this one use is safe.
+ALLOWED: dict[tuple[str, str, str], str] = {
+    ("tests/engram_vision/test_hashing.py", "eval", "exec(_DIGEST_SCRIPT, namespace)"):
+        "runs the test file's own constant script, to compare digests with a second process",
+}
+
+_TORCH_LOADS = {"torch.load", "torch.serialization.load", "torch.hub.load_state_dict_from_url"}
+_ALWAYS = {  # calls that are unsafe whatever their arguments
+    **dict.fromkeys(["pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads",
+                     "_pickle.Unpickler", "marshal.load", "marshal.loads", "joblib.load", "shelve.open",
+                     "pandas.read_pickle"], "pickle"),
+    **dict.fromkeys(["builtins.eval", "builtins.exec", "builtins.compile"], "eval"),
+    **dict.fromkeys(["os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"], "shell"),
+    **dict.fromkeys(["yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load", "yaml.full_load_all"],
+                    "yaml-load"),
+    "torch.hub.load": "torch-load",  # imports and runs the hub repository's hubconf.py
+}
+_PICKLE_MODULES = ("dill.", "cloudpickle.")
+_SAFE_YAML_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader", "yaml.BaseLoader", "yaml.CBaseLoader"}
+_SAFE_GLOBALS_CALLS = {"torch.serialization.add_safe_globals", "torch.serialization.safe_globals"}
+# webdataset names whose use decodes members by extension (basichandlers unpickle .pyd/.pickle/.pth).
+_WDS_DECODERS = {"decode", "xdecode", "autodecode", "Decoder", "basichandlers", "torch_loads",
+                 "unpickle_loads", "decode_pickle", "default_decoders", "imagehandler"}
+
+
+class Finding(NamedTuple):
+    path: str
+    line: int
+    rule: str
+    code: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: [{self.rule}] {self.code}"
+
+
+def _is(node: ast.expr | None, value: object) -> bool:
+    """Whether `node` is the literal `value` (True, False, None)."""
+    return isinstance(node, ast.Constant) and node.value is value
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+class _Scanner(ast.NodeVisitor):
+    """Collects Findings in one module; names are resolved through the module's imports."""
+
+    def __init__(self, tree: ast.Module, path: str, lines: list[str]) -> None:
+        self.path, self.lines, self.found = path, lines, {}
+        self.aliases: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:  # `import a.b` binds a; `import a.b as c` binds c to a.b
+                    root = a.name.split(".")[0]
+                    self.aliases[a.asname or root] = a.name if a.asname else root
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    self.aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        self.pipelines = self._pipeline_names(tree)
+
+    def qualname(self, node: ast.expr) -> str | None:
+        """`np.load` -> 'numpy.load', `load` (from torch import load) -> 'torch.load'; None for non-names."""
+        if isinstance(node, ast.Name):
+            return self.aliases.get(node.id, node.id)
+        if isinstance(node, ast.Attribute):
+            base = self.qualname(node.value)
+            return f"{base}.{node.attr}" if base else None
+        return None
+
+    def _is_wds(self, node: ast.expr, names: set[str]) -> bool:
+        """Whether `node` is a webdataset pipeline: calls chained on `webdataset.*` or on one of `names`."""
+        while True:
+            name = self.qualname(node)
+            if name is not None and name.startswith("webdataset."):
+                return True
+            if isinstance(node, ast.Call):
+                node = node.func
+            elif isinstance(node, ast.Attribute):
+                node = node.value
+            else:
+                return isinstance(node, ast.Name) and node.id in names
+
+    def _pipeline_names(self, tree: ast.Module) -> set[str]:
+        names: set[str] = set()
+        assigns = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value]
+        while True:  # to a fixed point: `ds = wds.WebDataset(u)`, then `ds = ds.shuffle(9)`, ...
+            targets = [(t, n.value) for n in assigns
+                       for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
+            more = {t.id for t, value in targets if isinstance(t, ast.Name) and self._is_wds(value, names)}
+            if more <= names:
+                return names
+            names |= more
+
+    def flag(self, node: ast.AST, rule: str) -> None:
+        code = self.lines[node.lineno - 1].strip() if node.lineno <= len(self.lines) else ""
+        self.found.setdefault((node.lineno, rule), Finding(self.path, node.lineno, rule, code))
+
+    def visit_Call(self, node: ast.Call) -> None:
+        name = self.qualname(node.func)
+        safe_load = _is(_keyword(node, "weights_only"), True)
+        method = node.func.attr if isinstance(node.func, ast.Attribute) else None
+        if name in _ALWAYS:
+            self.flag(node, _ALWAYS[name])
+        elif name and name.startswith(_PICKLE_MODULES):
+            self.flag(node, "pickle")
+        elif name in _TORCH_LOADS or method == "load_from_checkpoint":
+            if not safe_load:
+                self.flag(node, "torch-load")
+        elif name == "numpy.load":
+            allow = _keyword(node, "allow_pickle")
+            if len(node.args) >= 3 or (allow is not None and not _is(allow, False)):
+                self.flag(node, "numpy-pickle")
+        elif name in {"yaml.load", "yaml.load_all"}:
+            loader = _keyword(node, "Loader") or (node.args[1] if len(node.args) > 1 else None)
+            if loader is None or self.qualname(loader) not in _SAFE_YAML_LOADERS:
+                self.flag(node, "yaml-load")
+        elif name in _SAFE_GLOBALS_CALLS:
+            allowed = node.args[0] if len(node.args) == 1 and not node.keywords else None
+            if not (isinstance(allowed, (ast.List, ast.Tuple, ast.Set))
+                    and all(self.qualname(e) == "argparse.Namespace" for e in allowed.elts)):
+                self.flag(node, "safe-globals")
+        elif isinstance(node.func, ast.Name) and node.func.id in {"eval", "exec", "compile"} \
+                and node.func.id not in self.aliases:
+            self.flag(node, "eval")
+        elif name == "__import__" and not (node.args and isinstance(node.args[0], ast.Constant)):
+            self.flag(node, "import")
+        elif method == "decode" and self._is_wds(node.func.value, self.pipelines):
+            self.flag(node, "wds-decode")
+        ckpt = _keyword(node, "ckpt_path")  # a Lightning restore: trainer.fit/validate/test/predict
+        if ckpt is not None and not _is(ckpt, None) and not safe_load:
+            self.flag(node, "torch-load")
+        shell = _keyword(node, "shell")
+        if shell is not None and not _is(shell, False):
+            self.flag(node, "shell")
+        self.generic_visit(node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        name = self.qualname(node)
+        if name and name.startswith("webdataset.") and _WDS_DECODERS & set(name.split(".")[1:]):
+            self.flag(node, "wds-decode")
+        self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        name = self.aliases.get(node.id, "")
+        if name.startswith("webdataset.") and _WDS_DECODERS & set(name.split(".")[1:]):
+            self.flag(node, "wds-decode")
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        if any((self.qualname(b) or "").endswith("Unpickler") for b in node.bases):
+            self.flag(node, "pickle")
+        self.generic_visit(node)
+
+
+def scan_source(source: str, path: str = "<snippet>") -> list[Finding]:
+    """Unsafe calls in Python `source`, in line order."""
+    tree = ast.parse(source, filename=path)
+    scanner = _Scanner(tree, path, source.splitlines())
+    scanner.visit(tree)
+    return sorted(scanner.found.values(), key=lambda f: (f.line, f.rule))
+
+
+def source_files(root: Path = REPO) -> list[Path]:
+    """Every .py file under `root`, skipping hidden folders (.venv, .git), build and run outputs."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS
+                         and not d.endswith(".egg-info") and not (Path(folder, d) / "pyvenv.cfg").exists())
+        files += [Path(folder, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+# --- the scanner finds each pattern and passes its safe equivalent ---------------------------------------
+
+UNSAFE = {
+    "import torch\ntorch.load(path)": "torch-load",
+    "import torch\ntorch.load(path, map_location='cpu', weights_only=False)": "torch-load",
+    "import torch\ntorch.load(path, **options)": "torch-load",
+    "from torch import load\nload(path)": "torch-load",
+    "import torch as T\nT.serialization.load(path, weights_only=flag)": "torch-load",
+    "import torch\ntorch.hub.load_state_dict_from_url(url)": "torch-load",
+    "import torch\ntorch.hub.load('owner/repo', 'model')": "torch-load",
+    "LitAR.load_from_checkpoint(path)": "torch-load",
+    "trainer.fit(module, data, ckpt_path='last')": "torch-load",
+    "import pickle\npickle.loads(blob)": "pickle",
+    "import pickle\nwith open(p, 'rb') as f:\n    pickle.load(f)": "pickle",
+    "from pickle import Unpickler\nUnpickler(stream).load()": "pickle",
+    "import pickle\nclass Strict(pickle.Unpickler):\n    pass": "pickle",
+    "import _pickle\n_pickle.loads(blob)": "pickle",
+    "import dill\ndill.loads(blob)": "pickle",
+    "from cloudpickle import load\nload(stream)": "pickle",
+    "import marshal\nmarshal.loads(blob)": "pickle",
+    "import joblib\njoblib.load(path)": "pickle",
+    "import pandas as pd\npd.read_pickle(path)": "pickle",
+    "import shelve\nshelve.open(path)": "pickle",
+    "import numpy as np\nnp.load(path, allow_pickle=True)": "numpy-pickle",
+    "import numpy\nnumpy.load(path, allow_pickle=flag)": "numpy-pickle",
+    "import numpy as np\nnp.load(path, None, True)": "numpy-pickle",
+    "import yaml\nyaml.load(text)": "yaml-load",
+    "import yaml\nyaml.load(text, Loader=yaml.Loader)": "yaml-load",
+    "import yaml\nyaml.load(text, yaml.UnsafeLoader)": "yaml-load",
+    "import yaml\nyaml.unsafe_load(text)": "yaml-load",
+    "import yaml\nyaml.full_load(text)": "yaml-load",
+    "eval(config_text)": "eval",
+    "exec(config_text, {})": "eval",
+    "compile(config_text, 'config', 'exec')": "eval",
+    "import builtins\nbuiltins.eval(config_text)": "eval",
+    "__import__(config['module'])": "import",
+    "import subprocess\nsubprocess.run(command, shell=True)": "shell",
+    "import subprocess as sp\nsp.Popen(command, shell=use_shell)": "shell",
+    "import os\nos.system(command)": "shell",
+    "import os\nos.popen(command)": "shell",
+    "import torch, os\ntorch.serialization.add_safe_globals([os.system])": "safe-globals",
+    "import argparse, collections, torch\nwith torch.serialization.safe_globals(\n"
+    "        [argparse.Namespace, collections.Counter]):\n    pass": "safe-globals",
+    "import torch\ntorch.serialization.add_safe_globals(ALLOWED)": "safe-globals",
+    "import webdataset as wds\nwds.WebDataset(urls).shuffle(9).decode('pil')": "wds-decode",
+    "import webdataset as wds\nds = wds.WebDataset(urls)\nds = ds.shuffle(9)\nds.decode()": "wds-decode",
+    "import webdataset\nwebdataset.DataPipeline(webdataset.SimpleShardList(u), webdataset.decode('torch'))":
+        "wds-decode",
+    "import webdataset as wds\nwds.tarfile_to_samples()(urls).decode()": "wds-decode",
+    "import webdataset as wds\nwds.autodecode.basichandlers('x.pyd', blob)": "wds-decode",
+    "from webdataset.autodecode import torch_loads\ntorch_loads(blob)": "wds-decode",
+}
+
+SAFE = [
+    "import torch\ntorch.load(path, map_location='cpu', weights_only=True)",
+    "import argparse, torch\nwith torch.serialization.safe_globals([argparse.Namespace]):\n"
+    "    torch.load(path, weights_only=True)",
+    "import torch\ntorch.serialization.add_safe_globals([argparse.Namespace])\nimport argparse",
+    "trainer.fit(module, data, ckpt_path=path, weights_only=True)\ntrainer.fit(module, data, ckpt_path=None)",
+    "from safetensors.torch import load_file\nload_file(path)",
+    "import json\njson.loads(text)\n__import__('json')",
+    "import pickle\nblob = pickle.dumps(obj)\ntry:\n    pass\nexcept pickle.UnpicklingError:\n    pass",
+    "import os\nclass Boom:\n    def __reduce__(self):\n        return (os.system, ('true',))",
+    "import numpy as np\nnp.load(path)\nnp.load(path, allow_pickle=False)\nnp.save(p, x, allow_pickle=False)",
+    "import yaml\nyaml.safe_load(text)\nyaml.load(text, Loader=yaml.SafeLoader)\nyaml.safe_dump(data)",
+    "model.eval()\nself.model.eval()\ntorch.compile(model)\nre.compile('x')\nengine.exec(query)",
+    "import subprocess, sys\nsubprocess.run([sys.executable, '-c', code], check=True, shell=False)",
+    "import webdataset as wds\nds = wds.WebDataset(urls, select_files=keep).shuffle(9)\n"
+    "for s in ds:\n    label = int(s['cls'].decode())",
+    "import tarfile\nwith tarfile.open(p) as tar:\n    tar.extractfile(m).read().decode()",
+    "images = tokenizer.decode(codes)\nout = vq.model.decode(z).sample",
+]
+
+
+@pytest.mark.parametrize("source", list(UNSAFE), ids=range(len(UNSAFE)))
+def test_scanner_flags_each_unsafe_pattern(source: str) -> None:
+    found = scan_source(source)
+    assert [f.rule for f in found] == [UNSAFE[source]], found
+
+
+@pytest.mark.parametrize("source", SAFE, ids=range(len(SAFE)))
+def test_scanner_passes_safe_equivalents(source: str) -> None:
+    assert scan_source(source) == []
+
+
+def test_no_unsafe_calls_in_the_repository() -> None:
+    files = source_files()
+    scanned = {f.relative_to(REPO).as_posix() for f in files}
+    # The walk must reach the packages and the tests (and nothing in .venv), or it proves nothing.
+    assert {"tokenizers_vq/checkpoint.py", "engram_vision/checkpoint.py", "train/token_data.py",
+            "tests/test_security.py"} <= scanned and not any(".venv" in p for p in scanned)
+    found = []
+    for path in files:
+        rel = path.relative_to(REPO).as_posix()
+        found += [f for f in scan_source(path.read_text(encoding="utf-8"), rel)
+                  if (f.path, f.rule, f.code) not in ALLOWED]
+    assert not found, "unsafe calls (safe forms: tests/test_security.py SAFE):\n" + "\n".join(map(str, found))
+
+
+# --- checkpoints: a pickle that would run code is refused ---------------------------------------------------
+
+class _Payload:
+    """Unpickling this calls `open(marker, 'w')`: harmless proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    """A path that only the payload's code would create; checks first that the payload really creates it."""
+    path = tmp_path / "code-ran"
+    call, args = _Payload(path).__reduce__()
+    call(*args).close()
+    assert path.is_file()
+    path.unlink()
+    return path
+
+
+def _loaders():
+    from engram_vision.checkpoint import load_any_gpt, load_llamagen_gpt
+    from tokenizers_vq.checkpoint import load_llamagen_vq, load_tokenizer, safe_torch_load
+
+    return {"safe_torch_load": safe_torch_load,
+            "load_llamagen_vq": lambda p: load_llamagen_vq(p, "vq-tiny"),
+            "load_tokenizer": lambda p: load_tokenizer(p, "vq-tiny"),
+            "load_llamagen_gpt": lambda p: load_llamagen_gpt(p, "gpt-tiny"),
+            "load_any_gpt": lambda p: load_any_gpt(p, "gpt-tiny")}
+
+
+@pytest.mark.parametrize("loader", ["safe_torch_load", "load_llamagen_vq", "load_tokenizer",
+                                    "load_llamagen_gpt", "load_any_gpt"])
+def test_llamagen_loaders_refuse_code_in_the_pickle(loader: str, marker: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # as torch < 2.6: only an explicit flag helps
+    path = tmp_path / "c2i_evil.pt"
+    torch.save({"model": {"tok_embeddings.weight": torch.zeros(2, 2)}, "args": _Payload(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        _loaders()[loader](path)
+    assert not marker.exists()
+
+
+def test_safe_torch_load_allows_namespace_and_tensors_only(tmp_path: Path) -> None:
+    from tokenizers_vq.checkpoint import safe_torch_load
+
+    path = tmp_path / "vq_ds16_c2i.pt"
+    weights = {"encoder.conv_in.weight": torch.randn(4, 3, 3, 3)}
+    torch.save({"model": weights, "steps": 7, "args": argparse.Namespace(vq_model="VQ-16", lr=1e-4)}, path)
+    payload = safe_torch_load(path)
+    assert payload["args"] == argparse.Namespace(vq_model="VQ-16", lr=1e-4) and payload["steps"] == 7
+    assert torch.equal(payload["model"]["encoder.conv_in.weight"], weights["encoder.conv_in.weight"])
+    # The allow-list is argparse.Namespace alone: a harmless look-alike class is refused too.
+    torch.save({"model": weights, "args": types.SimpleNamespace(vq_model="VQ-16")}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        safe_torch_load(path)
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore:Experiment logs directory")
+def test_cli_resume_refuses_code_in_the_checkpoint(marker: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from train.cli import run_stage, with_safe_loading
+
+    assert with_safe_loading(["fit", "-c", "a.yml"]) == ["fit", "--weights_only=true", "-c", "a.yml"]
+    assert with_safe_loading(["--help"]) == ["--help"]
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # what Lightning's default None would read
+    # `--ckpt_path last`, as train/study.py and train/demo.py resume: LightningCLI does not pre-read this one
+    # (it does read an explicit file, with weights_only=True), so only trainer.fit's weights_only guards it.
+    run_dir = tmp_path / "vq"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "callbacks": _Payload(marker)}, run_dir / "checkpoints" / "last.ckpt")
+    args = ["fit", "--config", str(REPO / "configs/vq/digits.yaml"), "--trainer.logger.init_args.save_dir",
+            str(run_dir), "--trainer.max_epochs", "1", "--model.tokenizer.base_channels", "8",
+            "--model.tokenizer.norm_groups", "4", "--model.tokenizer.z_channels", "8", "--ckpt_path", "last"]
+    with pytest.raises(pickle.UnpicklingError):
+        run_stage("tokenizer", args)
+    assert not marker.exists()
+
+
+# --- shards: pickle members are never opened ----------------------------------------------------------------
+
+N = 6  # samples per test shard
+
+
+def _evil_members(marker: Path) -> dict[str, bytes]:
+    pth = io.BytesIO()
+    torch.save({"weights": torch.zeros(1), "payload": _Payload(marker)}, pth)
+    blob = pickle.dumps(_Payload(marker))
+    return {"pyd": blob, "pickle": blob, "pth": pth.getvalue()}
+
+
+def _write_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i, sample in enumerate(samples):
+            sink.write({"__key__": f"{i:09d}", **sample})
+
+
+def test_token_shard_readers_skip_pickle_members(marker: Path, tmp_path: Path) -> None:
+    from train.token_data import FORMAT, TokenShardsDataModule, read_token_set, token_histogram
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (N, 2, 2, 2), dtype=np.int16)  # [N, views, h, w]
+    labels = [i % 2 for i in range(N)]
+    samples = []
+    for c, label in zip(codes, labels, strict=True):
+        buffer = io.BytesIO()
+        np.save(buffer, c, allow_pickle=False)
+        samples.append({"tokens.npy": buffer.getvalue(), "cls": str(label).encode(), **_evil_members(marker)})
+    _write_shard(tmp_path / "val-000000.tar", samples)
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "format": FORMAT, "codebook_size": 16, "num_classes": 2, "grid": [2, 2], "num_samples": N,
+        "num_views": 2, "dtype": "int16", "weights_sha256": "0" * 64}))  # fmt: skip
+    view0 = torch.from_numpy(codes[:, 0].reshape(N, 4).astype(np.int64))
+
+    data = TokenShardsDataModule(str(tmp_path), str(tmp_path), batch_size=N, num_workers=0, shuffle_buffer=0,
+                                 resampled=False)  # fmt: skip
+    tokens, got_labels = next(iter(data.train_dataloader()))
+    assert tokens.shape == (N, 4) and sorted(got_labels.tolist()) == sorted(labels)
+    (val_tokens, val_labels), = list(data.val_dataloader())
+    assert torch.equal(val_tokens, view0) and val_labels.tolist() == labels
+    set_tokens, set_labels = read_token_set(str(tmp_path))
+    assert torch.equal(set_tokens, view0) and set_labels.tolist() == labels
+    assert np.array_equal(token_histogram(str(tmp_path)), np.bincount(codes.reshape(-1), minlength=16))
+    assert not marker.exists()
+
+
+def test_image_shard_readers_skip_pickle_members(marker: Path, tmp_path: Path) -> None:
+    from train.image_data import ImageShardsDataModule
+
+    rng = np.random.default_rng(0)
+    labels = [i % 2 for i in range(N)]
+    samples = []
+    for label in labels:
+        jpg = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(jpg, format="JPEG", quality=95)
+        samples.append({"jpg": jpg.getvalue(), "cls": str(label).encode(), **_evil_members(marker)})
+    _write_shard(tmp_path / "train-000000.tar", samples)
+    data = ImageShardsDataModule(train_shards=str(tmp_path), val_shards=str(tmp_path), image_size=8,
+                                 batch_size=N, num_workers=0, shuffle_buffer=0, train_crop="center",
+                                 flip=False, num_classes=2)  # fmt: skip
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        (images, got_labels), = list(loader)
+        assert images.shape == (N, 3, 8, 8) and sorted(got_labels.tolist()) == sorted(labels)
+    views = data.views_dataset("val", "center")  # train.image_views.TarViews: random access into the tar
+    items = [views[i] for i in range(len(views))]
+    assert [i for i, _, _ in items] == list(range(N)) and [label for _, _, label in items] == labels
+    assert all(v is not None and v.shape == (1, 3, 8, 8) for _, v, _ in items)
+    assert data.skipped_images == 0 and not marker.exists()
