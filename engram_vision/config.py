@@ -84,6 +84,10 @@ class EngramConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if isinstance(self.neighborhoods, str) or any(isinstance(order, str) for order in self.neighborhoods):
+            # tuple("LU") would silently read as the neighbours L and U
+            raise ValueError(f"EngramConfig.neighborhoods must be a list of lists of neighbours, e.g. "
+                             f"[[L, U]], got {self.neighborhoods!r}")
         object.__setattr__(self, "neighborhoods", tuple(tuple(order) for order in self.neighborhoods))
         if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
             raise ValueError(f"EngramConfig.layers must be distinct non-negative block ids, got {self.layers}")
@@ -92,12 +96,17 @@ class EngramConfig:
         if not self.neighborhoods or any(len(order) == 0 for order in self.neighborhoods):
             raise ValueError("EngramConfig.neighborhoods needs at least one non-empty neighbourhood")
         for order in self.neighborhoods:
-            offsets = [neighbor_offset(n, self.mode) for n in order]  # raises on a bad or non-causal one
+            try:
+                offsets = [neighbor_offset(n, self.mode) for n in order]  # raises on a bad or non-causal one
+            except ValueError as error:
+                raise ValueError(f"EngramConfig.neighborhoods: {error}") from None
             if len(set(offsets)) != len(offsets):
                 raise ValueError(f"EngramConfig.neighborhoods: {order} names the same cell twice")
         for name in ("heads_per_order", "head_dim", "rows_per_head", "conv_kernel", "conv_dilation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngramConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hash_seed < 0:  # numpy's default_rng takes non-negative seeds only
+            raise ValueError(f"EngramConfig.hash_seed must be >= 0, got {self.hash_seed}")
         if self.code_map is not None and self.code_map < 2:
             raise ValueError(f"EngramConfig.code_map must be None or >= 2 canonical ids, got {self.code_map}")
         if isinstance(self.gate, str):
@@ -107,8 +116,15 @@ class EngramConfig:
             raise ValueError(f"EngramConfig.gate constant must lie in [0, 1], got {self.gate}")
         if self.table not in ("trainable", "frozen"):
             raise ValueError(f"EngramConfig.table must be 'trainable' or 'frozen', got {self.table!r}")
-        if self.table_lr_multiplier <= 0 or self.table_weight_decay < 0:
-            raise ValueError("EngramConfig.table_lr_multiplier must be > 0 and table_weight_decay >= 0")
+        if self.table_device not in ("device", "host"):
+            raise ValueError(f"EngramConfig.table_device must be 'device' or 'host', got {self.table_device!r}")
+        # `not x > 0` (not `x <= 0`) so NaN is rejected too.
+        if not (self.table_lr_multiplier > 0 and math.isfinite(self.table_lr_multiplier)):
+            raise ValueError(f"EngramConfig.table_lr_multiplier must be a finite number > 0, "
+                             f"got {self.table_lr_multiplier}")
+        if not (self.table_weight_decay >= 0 and math.isfinite(self.table_weight_decay)):
+            raise ValueError(f"EngramConfig.table_weight_decay must be a finite number >= 0, "
+                             f"got {self.table_weight_decay}")
 
     @property
     def num_orders(self) -> int:
@@ -175,22 +191,39 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.engram, dict):
             object.__setattr__(self, "engram", EngramConfig(**self.engram))
-        if self.grid is not None:
-            object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-            if len(self.grid) != 2 or self.grid[0] * self.grid[1] != self.block_size:
-                raise ValueError(f"ModelConfig.grid={self.grid} does not match block_size={self.block_size}")
-        elif math.isqrt(self.block_size) ** 2 != self.block_size:
-            raise ValueError(f"ModelConfig.block_size={self.block_size} is not square: set grid=(rows, cols)")
+        # Sizes first, so a negative block_size is named here and not by math.isqrt below.
         for name in ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "multiple_of", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ValueError(f"ModelConfig.grid={self.grid} must be (rows, cols) with both >= 1")
+            if self.grid[0] * self.grid[1] != self.block_size:
+                raise ValueError(f"ModelConfig.grid={self.grid} does not match block_size={self.block_size}")
+        elif math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ValueError(f"ModelConfig.block_size={self.block_size} is not square: set grid=(rows, cols)")
         if self.dim % self.n_head or (self.dim // self.n_head) % 2:
             raise ValueError(f"ModelConfig.dim={self.dim} must split into n_head={self.n_head} heads of even size")
         if (self.dim // self.n_head) % 4 and self.token_grid[0] > 1:
-            raise ValueError(f"ModelConfig: head_dim={self.dim // self.n_head} must be divisible by 4 for 2D RoPE")
+            raise ValueError(f"ModelConfig.dim={self.dim} / n_head={self.n_head}: head_dim="
+                             f"{self.dim // self.n_head} must be divisible by 4 for 2D RoPE")
+        if self.n_kv_head is not None and self.n_kv_head < 1:  # 0 would silently read as None
+            raise ValueError(f"ModelConfig.n_kv_head must be None or >= 1, got {self.n_kv_head}")
         n_kv = self.n_kv_head or self.n_head
         if self.n_head % n_kv:
             raise ValueError(f"ModelConfig.n_kv_head={n_kv} must divide n_head={self.n_head}")
+        # `not x > 0` (not `x <= 0`) so NaN is rejected too.
+        if self.ffn_dim_multiplier is not None and not (
+                self.ffn_dim_multiplier > 0 and math.isfinite(self.ffn_dim_multiplier) and self.ffn_hidden >= 1):
+            raise ValueError(f"ModelConfig.ffn_dim_multiplier must be None or a finite number > 0 that leaves a "
+                             f"non-empty SwiGLU hidden layer, got {self.ffn_dim_multiplier}")
+        for name in ("norm_eps", "rope_base"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (self.initializer_range >= 0 and math.isfinite(self.initializer_range)):
+            raise ValueError(f"ModelConfig.initializer_range must be a finite number >= 0, "
+                             f"got {self.initializer_range}")
         if self.cls_token_num != 1:
             raise ValueError("ModelConfig.cls_token_num: only 1 class token is supported (LlamaGen c2i)")
         for name in ("class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p"):

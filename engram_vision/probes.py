@@ -77,6 +77,8 @@ class ProbeConfig:
                 raise ValueError(f"ProbeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.level < 1:
             raise ValueError(f"ProbeConfig.level must lie in (0, 1), got {self.level}")
+        if self.seed < 0:  # numpy's default_rng would refuse it later, without naming the field
+            raise ValueError(f"ProbeConfig.seed must be >= 0, got {self.seed}")
 
 
 @dataclass

@@ -46,8 +46,9 @@ class SamplePlan:
     batch_size: int
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.batch_size < 1:
-            raise ValueError(f"num_samples and batch_size must be >= 1, got {self.num_samples}, {self.batch_size}")
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SamplePlan.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def num_batches(self) -> int:

@@ -43,15 +43,16 @@ class SamplingConfig:
     """Exponent of the power-cosine schedule, > 0 (larger keeps guidance low for longer)."""
 
     def __post_init__(self) -> None:
-        # `not x >= 0` also rejects NaN, which every plain comparison would let through.
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        # `not x >= 0` also rejects NaN, which every plain comparison would let through; an infinite
+        # temperature or guidance weight turns -inf (masked) or finite logits into NaN probabilities.
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0, got {self.temperature}")
         if not self.top_k >= 0:
             raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"SamplingConfig.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale)):
+            raise ValueError(f"SamplingConfig.cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
         if self.cfg_schedule not in get_args(CfgSchedule):
             raise ValueError(f"SamplingConfig.cfg_schedule must be one of {get_args(CfgSchedule)}, "
                              f"got {self.cfg_schedule!r}")
@@ -98,10 +99,12 @@ def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, cfg_scale: f
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Logits [B,V] with -inf outside the kept set (a new tensor of the same dtype; top-k first).
+    """Logits [B,V] with -inf outside the kept set (same dtype; top-k first). With both filters off this is
+    `logits` itself, otherwise a new tensor; the input is never written to.
 
     top_k > 0 keeps exactly the k largest per row (ties broken by `torch.topk`); top_p < 1 keeps the
-    smallest prefix of the sorted distribution whose mass is >= top_p, always at least one token.
+    smallest prefix of the sorted distribution whose mass is >= top_p, always at least one token. The masses
+    are computed in float32, or float64 for float64 logits (whose range float32 cannot hold).
     """
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
@@ -110,7 +113,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = torch.full_like(logits, -math.inf).scatter(-1, indices, values)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        mass = torch.softmax(sorted_logits.float(), dim=-1).cumsum(dim=-1)
+        mass = torch.softmax(sorted_logits, dim=-1, dtype=_softmax_dtype(logits.dtype)).cumsum(dim=-1)
         # Token i (in sorted order) is dropped when the tokens before it already reach top_p; the first
         # token has nothing before it, so every row keeps at least one.
         drop_sorted = torch.zeros_like(mass, dtype=torch.bool)
@@ -118,6 +121,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     return logits
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision and float32 logits, float64 for float64 ones (no range lost)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_rng(rng: torch.Generator, device: torch.device) -> None:
@@ -134,9 +142,10 @@ def _check_rng(rng: torch.Generator, device: torch.device) -> None:
 def sample_next(logits: torch.Tensor, config: SamplingConfig, rng: torch.Generator) -> torch.Tensor:
     """One token per row: logits [B,V] (any float dtype and device) -> int64 [B] on the same device.
 
-    greedy or temperature == 0 takes the argmax; otherwise logits / max(temperature, 1e-5), then
+    greedy or temperature == 0 takes the argmax; otherwise (logits - row max) / max(temperature, 1e-5), then
     `filter_logits`, softmax in float32 and `torch.multinomial` with `rng`, which must live on the logits'
-    device. No host synchronisation besides what multinomial itself does.
+    device. Rows need at least one finite logit and no +inf. No host synchronisation besides what
+    multinomial itself does.
     """
     # Checked even when greedy, so a wrong generator fails on the first run, not the first sampled one.
     _check_rng(rng, logits.device)
@@ -144,6 +153,10 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, rng: torch.Generat
         raise ValueError(f"sample_next expects logits [B,V], got shape {tuple(logits.shape)}")
     if config.greedy or config.temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / max(config.temperature, _MIN_TEMPERATURE)
+    # Softmax ignores a shift; shifting the row maximum to 0 first means a small temperature can only push
+    # logits down to -inf (probability 0), never a large one up to +inf (inf - inf = NaN probabilities).
+    # The shift runs in at least float32, so half-precision rows lose nothing to it.
+    wide = logits.to(_softmax_dtype(logits.dtype))
+    scaled = ((wide - wide.amax(dim=-1, keepdim=True)) / max(config.temperature, _MIN_TEMPERATURE)).float()
     probs = torch.softmax(filter_logits(scaled, config.top_k, config.top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
