@@ -5,7 +5,9 @@ Every image of a split gets V deterministic views (`center` V=1, `center_flip` V
 `__key__` = its zero-padded global index, `tokens.npy` = codes [V,h,w] (int16; int32 when the codebook
 exceeds 32767) and `cls` = its label. `meta.json` beside the shards names the tokenizer (path, config,
 weights SHA-256), codebook size, image size, grid, views, classes, sample count, dtype and the skipped
-(unreadable) images.
+(unreadable: corrupt or truncated) images, which are also warned about as they happen and totalled in the
+closing line. Any image mode (grayscale, CMYK, 16-bit) is read as 8-bit RGB (`train.transforms.to_rgb`).
+A label outside [0, num_classes) stops the run with a ValueError naming the image.
 
 Runs through Lightning's predict loop on every rank. Resumable: the index space is cut into fixed shards of
 `shard_size` consecutive indices, dealt to ranks in turn; shards already on disk are skipped; each shard is
@@ -136,9 +138,11 @@ class _ExtractionData(LightningDataModule):
 class TokenShardWriter(BasePredictionWriter):
     """Collects codes per shard and writes a shard as soon as all its images have been seen."""
 
-    def __init__(self, plan: ShardPlan, dataset: ViewsDataset, codebook_size: int, grid: int) -> None:
+    def __init__(self, plan: ShardPlan, dataset: ViewsDataset, codebook_size: int, grid: int,
+                 num_classes: int | None = None) -> None:
         super().__init__(write_interval="batch")
         self.plan, self.dataset, self.codebook_size = plan, dataset, codebook_size
+        self.num_classes = num_classes
         self.shape = (NUM_VIEWS[dataset.views], grid, grid)  # codes of one image: [V,h,w]
         self.dtype = codes_dtype(codebook_size)
         self.pending: dict[int, dict[str, Any]] = {}
@@ -151,6 +155,7 @@ class TokenShardWriter(BasePredictionWriter):
                              f"expected {self.shape}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"tokenizer produced codes outside [0, {self.codebook_size})")
+        self._check_labels(prediction["indices"], prediction["labels"])
         touched = set()
         for i, index in enumerate(prediction["indices"].tolist()):
             entry = self.pending.setdefault(index // size, {"samples": {}, "skipped": []})
@@ -163,6 +168,16 @@ class TokenShardWriter(BasePredictionWriter):
             entry = self.pending[k]
             if len(entry["samples"]) + len(entry["skipped"]) == self.plan.counts[k]:
                 self._write(k, self.pending.pop(k))
+
+    def _check_labels(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """Labels must lie in [0, num_classes): meta.json promises it, and the AR prior's class table
+        would read label == num_classes as the unconditional (null) class."""
+        bad = (labels < 0) | (labels >= self.num_classes) if self.num_classes is not None else labels < 0
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            position = int(np.searchsorted(self.dataset.indices, int(indices[i])))
+            raise ValueError(f"image {int(indices[i])} ({self.dataset.describe(position)}): label "
+                             f"{int(labels[i])} is outside [0, {self.num_classes}) (num_classes of the data)")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.pending:
@@ -286,8 +301,8 @@ def extract_tokens(
     if stray := plan.stray_tars():
         raise ValueError(f"{out} holds shards this extraction would not write ({stray[:3]}...): "
                          f"use an empty folder")
-    grid = image_size // factor
-    writer = TokenShardWriter(plan, dataset, codebook, grid)
+    grid, num_classes = image_size // factor, int(data.num_classes)
+    writer = TokenShardWriter(plan, dataset, codebook, grid, num_classes)
     trainer = Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
                       logger=False, enable_checkpointing=False, enable_model_summary=False,
                       use_distributed_sampler=False, callbacks=[writer, *(callbacks or [])])
@@ -301,7 +316,7 @@ def extract_tokens(
     info = {**signature, "tokenizer": str(tokenizer), "tokenizer_size": tokenizer_size,
             "tokenizer_config": _tokenizer_config(model), "weights_file": weights.name,
             "codebook_size": codebook, "downsample_factor": factor, "grid": [grid, grid],
-            "num_views": NUM_VIEWS[views], "num_classes": int(data.num_classes),
+            "num_views": NUM_VIEWS[views], "num_classes": num_classes,
             "dtype": codes_dtype(codebook).name, "data_init_args": dict(getattr(data, "hparams", {}))}
     meta = _write_meta(plan, json.loads(json.dumps(info, default=str)))
     print(f"{out}: {meta['num_samples']} images in {meta['num_shards']} shards, {views} "

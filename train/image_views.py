@@ -4,7 +4,8 @@ Each dataset lists one split's images under stable global indices (`indices`, as
 image's deterministic views, float32 [V,3,S,S] in [-1,1] (`train.transforms.view_crops` / `view_stack`:
 centre, centre + flip, or LlamaGen's ten-crop; view 0 is always the centre crop). An unreadable image
 yields `views = None`: it is warned about and counted through the owning DataModule's skip counter, and
-the extractor lists it.
+the extractor lists it. A label outside [0, num_classes) or an unreadable tar raises instead (naming the
+shard and key): extraction must not quietly write a wrong data set.
 `ViewsCollate` batches items into a dict and keeps the skipped indices. The DataModules in
 `train.image_data` build these (`views_dataset(split, views)`); encoding and writing shards is
 `train.extract_tokens`' job.
@@ -29,6 +30,7 @@ from train.transforms import (
     ViewMode,
     image_views,
     open_rgb,
+    parse_label,
     view_crops,
     view_stack,
 )
@@ -116,24 +118,28 @@ class TarViews(ViewsDataset):
     so workers can fetch any image by seek. Index = the integer `__key__` (as `train.write_shards` writes
     it); when some key is not an integer, the position in (shard, member) order is used instead. Samples
     lacking a `jpg` or `cls` member are kept with views None, so the extractor lists them as skipped.
+    Labels are checked here, before any encoding, against [0, num_classes) (`>= 0` when it is None).
     """
 
-    def __init__(self, urls: list[str], image_size: int, views: ViewMode, counter: _SkipCounter) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        image_size: int,
+        views: ViewMode,
+        counter: _SkipCounter,
+        num_classes: int | None = None,
+    ) -> None:
         remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
         if remote:
             raise ValueError(f"token extraction reads local shards only (random access), got {remote[0]}")
         entries: dict[tuple[str, str], dict] = {}  # (url, key) -> {"jpg": (offset, size), "cls": int}
         for url in urls:
-            with tarfile.open(url, "r:") as tar:  # "r:": uncompressed, so member offsets are file offsets
-                for member in tar:
-                    match = _KEY_EXT.match(member.name)
-                    if not member.isfile() or match is None or match.group(2) not in ("jpg", "cls"):
-                        continue  # never touch other members (.pyd/.pth pickles included)
-                    entry = entries.setdefault((url, match.group(1)), {})
-                    if match.group(2) == "jpg":
-                        entry["jpg"] = (member.offset_data, member.size)
-                    else:
-                        entry["cls"] = int(tar.extractfile(member).read().decode())
+            try:
+                _index_tar(url, entries, num_classes)
+            except tarfile.TarError as exn:  # tarfile's messages do not name the file
+                raise ValueError(
+                    f"image shard {url} is not a readable (uncompressed) tar file: {exn}"
+                ) from exn
         self.items = list(entries.items())
         keys = [key for (_, key), _ in self.items]
         if keys and all(k.isdigit() for k in keys):
@@ -166,6 +172,21 @@ class TarViews(ViewsDataset):
             self.counter.add(self.describe(position), exn)
             return index, None, label
         return index, image_views(image, self.image_size, self.views), label
+
+
+def _index_tar(url: str, entries: dict[tuple[str, str], dict], num_classes: int | None) -> None:
+    """Record where each `jpg` of shard `url` lies and read (and check) each `cls`, into `entries`."""
+    with tarfile.open(url, "r:") as tar:  # "r:": uncompressed, so member offsets are file offsets
+        for member in tar:
+            match = _KEY_EXT.match(member.name)
+            if not member.isfile() or match is None or match.group(2) not in ("jpg", "cls"):
+                continue  # never touch other members (.pyd/.pth pickles included)
+            entry = entries.setdefault((url, match.group(1)), {})
+            if match.group(2) == "jpg":
+                entry["jpg"] = (member.offset_data, member.size)
+            else:
+                raw = tar.extractfile(member).read()
+                entry["cls"] = parse_label(raw, num_classes, f"{url}:{match.group(1)}")
 
 
 class ViewsCollate:

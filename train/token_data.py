@@ -7,7 +7,9 @@ of batches per rank per epoch, so DDP ranks always take the same number of steps
 than ranks x workers. Validation reads every sample once, in order, using view 0 (the centre crop); every
 rank reads the whole validation set, so all ranks run the same number of validation steps and agree on
 the metrics. Only `tokens.npy` (with `allow_pickle=False`) and `cls` are ever decoded. Vocabulary size,
-classes, grid and sample count come from the `meta.json` beside the shards. Writing shards is
+classes, grid and sample count come from the `meta.json` beside the shards; a sample whose grid, codes or
+label (outside [0, num_classes)) disagree with it raises a ValueError naming the shard and key (never
+skipped: the shards are our own output, so a mismatch means another tokenizer or data set). Writing shards is
 `train.extract_tokens`' job; the model and its training loop are `train.lit_ar`'s.
 """
 
@@ -29,6 +31,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.image_data import is_local_url, shard_urls
+from train.transforms import parse_label
 
 __all__ = ["TokenShardsDataModule", "TokenTrainStream", "TokenEvalStream", "read_token_meta", "read_token_set",
            "META_NAME", "FORMAT"]  # fmt: skip
@@ -84,8 +87,10 @@ def _wanted_member(fname: str) -> bool:
     return fname.endswith((".tokens.npy", ".cls"))
 
 
-def _decode(sample: dict[str, Any], vocab_size: int, grid: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """A tar sample -> (codes [V,h,w], label); clear errors for anything that is not a valid token sample."""
+def _decode(sample: dict[str, Any], vocab_size: int, grid: tuple[int, int],
+            num_classes: int | None = None) -> tuple[np.ndarray, int]:
+    """A tar sample -> (codes [V,h,w], label); clear errors for anything that is not a valid token sample
+    (labels are checked against [0, num_classes), or only for >= 0 when num_classes is None)."""
     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
     if "tokens.npy" not in sample or "cls" not in sample:
         raise ValueError(f"token sample {name} lacks tokens.npy or cls")
@@ -97,7 +102,7 @@ def _decode(sample: dict[str, Any], vocab_size: int, grid: tuple[int, int]) -> t
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token sample {name}: codes in [{low}, {high}] are out of range for the codebook "
                          f"of {vocab_size} in meta.json: were the shards made with another tokenizer?")
-    return codes, int(sample["cls"])
+    return codes, parse_label(sample["cls"], num_classes, name)
 
 
 def _collate(rows: list[tuple[np.ndarray, int]]) -> Batch:
@@ -113,7 +118,7 @@ def token_histogram(spec: str) -> np.ndarray:
     samples = wds.WebDataset(_token_urls(spec, meta), shardshuffle=False, select_files=_wanted_member,
                              empty_check=False)
     for sample in samples:
-        codes, _ = _decode(sample, meta["codebook_size"], grid)
+        codes, _ = _decode(sample, meta["codebook_size"], grid, meta["num_classes"])
         counts += np.bincount(codes.reshape(-1), minlength=counts.size)
     return counts
 
@@ -127,7 +132,7 @@ def read_token_set(spec: str, per_class: int | None = None) -> tuple[torch.Tenso
     rows: list[tuple[np.ndarray, int]] = []
     taken: dict[int, int] = {}
     for sample in wds.tarfile_to_samples(select_files=_wanted_member)({"url": u} for u in _token_urls(spec, meta)):
-        codes, label = _decode(sample, meta["codebook_size"], grid)
+        codes, label = _decode(sample, meta["codebook_size"], grid, meta["num_classes"])
         if per_class is not None and taken.get(label, 0) >= per_class:
             continue
         taken[label] = taken.get(label, 0) + 1
@@ -145,10 +150,11 @@ class TokenTrainStream(IterableDataset):
     """
 
     def __init__(self, urls: list[str], batch_size: int, num_batches: int, vocab_size: int,
-                 grid: tuple[int, int], shuffle_buffer: int, resampled: bool, seed: int) -> None:
+                 grid: tuple[int, int], shuffle_buffer: int, resampled: bool, seed: int,
+                 num_classes: int | None = None) -> None:
         self.urls, self.batch_size, self.num_batches = urls, batch_size, num_batches
         self.vocab_size, self.grid, self.shuffle_buffer = vocab_size, grid, shuffle_buffer
-        self.resampled, self.seed = resampled, seed
+        self.resampled, self.seed, self.num_classes = resampled, seed, num_classes
         self.rank, self.world_size, self.epoch = 0, 1, 0
 
     def _shard_urls(self, rng: np.random.Generator, stream: int, streams: int) -> Iterator[dict[str, str]]:
@@ -180,7 +186,7 @@ class TokenTrainStream(IterableDataset):
         if count == 0:  # more workers than batches: this one has nothing to do
             return
         for sample in samples:
-            codes, label = _decode(sample, self.vocab_size, self.grid)
+            codes, label = _decode(sample, self.vocab_size, self.grid, self.num_classes)
             view = int(rng.integers(codes.shape[0]))  # a fresh random view each time the sample is read
             rows.append((codes[view].reshape(-1), label))
             if len(rows) == self.batch_size:
@@ -193,8 +199,10 @@ class TokenTrainStream(IterableDataset):
 class TokenEvalStream(IterableDataset):
     """All samples of the shards, in order, view 0 (workers take whole shards in turn)."""
 
-    def __init__(self, urls: list[str], batch_size: int, vocab_size: int, grid: tuple[int, int]) -> None:
+    def __init__(self, urls: list[str], batch_size: int, vocab_size: int, grid: tuple[int, int],
+                 num_classes: int | None = None) -> None:
         self.urls, self.batch_size, self.vocab_size, self.grid = urls, batch_size, vocab_size, grid
+        self.num_classes = num_classes
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -202,7 +210,7 @@ class TokenEvalStream(IterableDataset):
         shards = ({"url": url} for url in self.urls[worker::workers])
         rows: list[tuple[np.ndarray, int]] = []
         for sample in wds.tarfile_to_samples(select_files=_wanted_member)(shards):
-            codes, label = _decode(sample, self.vocab_size, self.grid)
+            codes, label = _decode(sample, self.vocab_size, self.grid, self.num_classes)
             rows.append((codes[0].reshape(-1), label))
             if len(rows) == self.batch_size:
                 yield _collate(rows)
@@ -318,7 +326,7 @@ class TokenShardsDataModule(LightningDataModule):
         rank, world = self._world()
         stream = TokenTrainStream(_token_urls(self.train_shards, self.meta), self.batch_size,
                                   self.num_train_batches(world), self.vocab_size, self.grid,
-                                  self.shuffle_buffer, self.resampled, self.seed)
+                                  self.shuffle_buffer, self.resampled, self.seed, self.num_classes)
         self._train_loader = _EpochLoader(stream, self.num_workers, rank, world, self._start_epoch)
         return self._train_loader
 
@@ -326,13 +334,13 @@ class TokenShardsDataModule(LightningDataModule):
         if self.val_shards is None:
             return []
         val_meta = read_token_meta(self.val_shards)
-        for key in ("codebook_size", "grid", "weights_sha256"):
+        for key in ("codebook_size", "grid", "weights_sha256", "num_classes"):
             if val_meta.get(key) != self.meta.get(key):
                 raise ValueError(f"validation shards {self.val_shards!r} differ from the training shards in "
                                  f"{key}: {val_meta.get(key)} vs {self.meta.get(key)}")
         urls = _token_urls(self.val_shards, val_meta)
         workers = min(self.num_workers, len(urls))
-        stream = TokenEvalStream(urls, self.val_batch_size, self.vocab_size, self.grid)
+        stream = TokenEvalStream(urls, self.val_batch_size, self.vocab_size, self.grid, self.num_classes)
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 

@@ -1,9 +1,11 @@
 """Image decoding and transforms: file or bytes -> RGB PIL image -> `images` float32 [3,S,S] in [-1,1].
 
-`open_rgb` decodes strictly (truncated files raise, listed in `UNREADABLE_IMAGE_ERRORS`). Two crops are
-offered: ADM's deterministic centre crop (the reference for FID and token extraction) and LlamaGen's
-random crop (scale augmentation for tokenizer / AR training), each optionally followed by a horizontal
-flip; and the deterministic views of token extraction (centre, centre + flip, LlamaGen's ten-crop).
+`open_rgb` decodes strictly (truncated files raise, listed in `UNREADABLE_IMAGE_ERRORS`) and converts every
+mode to 8-bit RGB (`to_rgb`: 16-bit scaled, not clipped; CMYK, grayscale and palettes expanded);
+`parse_label` is the label check every reader of labelled samples shares. Two crops are offered: ADM's
+deterministic centre crop (the reference for FID and token extraction) and LlamaGen's random crop (scale
+augmentation for tokenizer / AR training), each optionally followed by a horizontal flip; and the
+deterministic views of token extraction (centre, centre + flip, LlamaGen's ten-crop).
 Skipping and counting bad files is left to `train.image_data` and `train.write_shards`; batching to the
 DataLoader. Kept free of Lightning so the shard writer starts quickly.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -24,7 +27,10 @@ from torchvision.transforms import v2
 __all__ = [
     "UNREADABLE_IMAGE_ERRORS",
     "CorruptImageWarning",
+    "LabelError",
+    "parse_label",
     "open_rgb",
+    "to_rgb",
     "ImageTransformConfig",
     "CenterCropArr",
     "RandomCropArr",
@@ -52,8 +58,54 @@ class CorruptImageWarning(UserWarning):
     """An image (or shard member) could not be decoded and was skipped."""
 
 
+class LabelError(ValueError):
+    """A sample's label is not an integer in [0, num_classes): the data set or its class list is wrong.
+
+    Never skipped: the DataModules' skip-and-count handlers re-raise it.
+    """
+
+
+def parse_label(raw: bytes | str | int, num_classes: int | None, name: str) -> int:
+    """The integer label of sample `name` (a `cls` member's bytes, or an int), checked against the range.
+
+    Raises `LabelError` naming the sample, the label and [0, num_classes) when it is not an integer in range
+    (only `>= 0` is checked when `num_classes` is None, i.e. unknown). An error, not a skip: a label out of
+    range means another data set or class list, and label == num_classes would silently train the
+    classifier-free-guidance null class.
+    """
+    try:
+        label = raw if isinstance(raw, int) else int(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError) as exn:
+        raise LabelError(f"sample {name}: label {raw!r} is not an integer") from exn
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        bound = "" if num_classes is None else f", {num_classes}"
+        raise LabelError(
+            f"sample {name}: label {label} is outside [0{bound}) (num_classes={num_classes}): "
+            f"do the shards and the class list belong to the same data set?"
+        )
+    return label
+
+
+# PIL's 16-bit grayscale modes; `I` (int32) is how it reads 16-bit PGM and some TIFFs.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any loaded PIL image -> a new 8-bit RGB image.
+
+    16-bit grayscale is scaled by 255/65535 (rounded; `I` values are clipped to [0, 65535] first): PIL's
+    own `convert` clips them at 255, which turns almost every 16-bit image white. PIL already reads 16-bit
+    RGB(A) PNGs as 8-bit. Everything else goes through `convert("RGB")`: grayscale and palettes are
+    expanded, CMYK inverted (white stays white), alpha dropped; a mode PIL cannot convert raises ValueError.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
 def open_rgb(source: str | Path | bytes) -> Image.Image:
-    """Decode a file path or encoded bytes to a fully loaded RGB PIL image.
+    """Decode a file path or encoded bytes to a fully loaded 8-bit RGB PIL image (see `to_rgb`).
 
     `load()` forces the whole decode here, so a truncated JPEG raises now (PIL is lazy otherwise); we do
     not set `ImageFile.LOAD_TRUNCATED_IMAGES`, a process-wide switch that would hide truncation from every
@@ -62,7 +114,7 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
     with stream, Image.open(stream) as image:
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 @dataclass(frozen=True)

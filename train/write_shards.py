@@ -1,12 +1,14 @@
 """Write one ImageFolder split as webdataset shards: `python -m train.write_shards --root DIR --out DIR`.
 
 Each sample holds `__key__` (the zero-padded global index of the source file), `jpg` (the file's own bytes
-when it already is a JPEG, else a quality-95 re-encode) and `cls` (the class index, torchvision's sorted
-folder order); `classes.json` maps index -> folder name. Shard k holds source files
+when it already is an RGB or grayscale JPEG, else a quality-95 re-encode of its 8-bit RGB conversion,
+`train.transforms.to_rgb`) and `cls` (the class index, torchvision's sorted folder order); `classes.json`
+maps index -> folder name. Shard k holds source files
 [k * shard_size, (k+1) * shard_size), so shard contents never depend on which other shards exist, and a
 rerun can skip finished shards. Each shard is written under a temporary name and renamed once complete
-(a crash leaves no half shard), after a `<prefix>-NNNNNN.json` summary beside it. Corrupt images are
-skipped, warned about, and totalled at the end. Reading the shards is `train.image_data`'s job.
+(a crash leaves no half shard), after a `<prefix>-NNNNNN.json` summary beside it. Corrupt or truncated
+images are skipped, warned about, listed in their shard's summary, and totalled in the printed line and
+the returned summary. Reading the shards is `train.image_data`'s job.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from jsonargparse import CLI
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from train.transforms import UNREADABLE_IMAGE_ERRORS, CorruptImageWarning
+from train.transforms import UNREADABLE_IMAGE_ERRORS, CorruptImageWarning, to_rgb
 
 __all__ = ["write_shards", "encode_jpeg", "main", "KEY_DIGITS"]
 
@@ -32,8 +34,14 @@ KEY_DIGITS = 9  # __key__ width: room for 10^9 images, so keys sort like indices
 _TAR_MTIME = 0.0  # fixed member mtime: the same input gives byte-identical shards
 
 
+# JPEG modes kept byte for byte. CMYK / YCCK JPEGs are re-encoded as RGB: not every reader of the shards
+# (metrics, other tools) converts them, and Adobe's inverted CMYK is easy to get wrong.
+_KEPT_JPEG_MODES = ("RGB", "L")
+
+
 def encode_jpeg(path: str | Path, quality: int = 95) -> bytes:
-    """JPEG bytes for an image file: the original bytes if it is a JPEG, else an RGB re-encode.
+    """JPEG bytes for an image file: the original bytes if it is an RGB or grayscale JPEG, else a re-encode
+    of its 8-bit RGB conversion (`to_rgb`: 16-bit scaled, CMYK converted).
 
     The file is fully decoded either way (`load()`), so truncated or corrupt files raise one of
     `train.transforms.UNREADABLE_IMAGE_ERRORS` here rather than when training reads the shard.
@@ -41,9 +49,9 @@ def encode_jpeg(path: str | Path, quality: int = 95) -> bytes:
     raw = Path(path).read_bytes()
     with Image.open(io.BytesIO(raw)) as image:
         image.load()
-        if image.format == "JPEG":
+        if image.format == "JPEG" and image.mode in _KEPT_JPEG_MODES:
             return raw  # keep the original bytes: re-encoding would add a second generation of artefacts
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
