@@ -3,24 +3,21 @@ eager and compiled) vs recomputing the full forward for every token, and the Eng
 backbone without Engram.
 
 Prints JSON: seconds per generated batch for each, and the ratios (speed-up of the cache, Engram's
-overhead). Defaults: a 16x16 grid (256 tokens), a small model that runs on CPU; pass --size / --device
-for others (e.g. --size gpt-b --device cuda --batch 64 --compile for the GPU figures in BENCHMARKS.md).
-    python benchmarks/decode_cache.py [--size gpt-small] [--device cpu] [--batch 4] [--compile]
+overhead). Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
+pass --size / --device / --engram for others (e.g. --size gpt-b --engram study --device cuda --batch 64
+--compile for the GPU figures in BENCHMARKS.md).
+    python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--device cpu] [--batch 4] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import platform
-import time
 
 import torch
+from common import add_args, generate_fn, machine_info, model_pair, parse_args, rounded, time_call
 
-from engram_vision.config import EngramConfig, model_config
 from engram_vision.model import EngramGPT
-from sample.generate import generate
 from sample.sampling import SamplingConfig, cfg_mix, sample_next
 
 
@@ -38,48 +35,31 @@ def generate_without_cache(model: EngramGPT, labels: torch.Tensor, sampling: Sam
     return tokens
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="gpt-small")
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser, batch=4, repeats=2)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time compiled decoding")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--skip-recompute", action="store_true", help="skip the (slow) full-recompute baseline")
-    args = parser.parse_args()
-    engram = EngramConfig(layers=(1,), heads_per_order=4, head_dim=32, rows_per_head=4093)
-    config = model_config(args.size, block_size=args.grid ** 2, grid=None, engram=engram)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = EngramGPT(config).eval().to(args.device, dtype)
-    # The same backbone without Engram: identical weights everywhere else.
-    backbone = EngramGPT(dataclasses.replace(config, engram=None)).eval().to(args.device, dtype)
-    backbone.load_state_dict({k: v for k, v in model.state_dict().items() if ".engram." not in k and k != "code_map"})
-    labels = torch.arange(args.batch, device=args.device) % config.num_classes
+    args = parse_args(parser)
+    model, backbone = model_pair(args.size, args.grid, args.engram, args.device, getattr(torch, args.dtype),
+                                 rows_per_head=args.rows_per_head)
+    config = model.config
     sampling = SamplingConfig(cfg_scale=args.cfg_scale)
 
-    def run(net, compile=False):
-        return lambda: generate(net, labels, sampling, torch.Generator(args.device).manual_seed(0), compile=compile)
+    def run(net: EngramGPT, compile: bool = False):
+        return generate_fn(net, args.batch, args.cfg_scale, args.device, compile=compile)
 
-    seconds = {"cached": _time(run(model), args.repeats), "cached_backbone": _time(run(backbone), args.repeats)}
+    seconds = {"cached": time_call(run(model), args.repeats, args.device),
+               "cached_backbone": time_call(run(backbone), args.repeats, args.device)}
     if args.compile:
-        seconds["compiled"] = _time(run(model, True), args.repeats)
-        seconds["compiled_backbone"] = _time(run(backbone, True), args.repeats)
+        seconds["compiled"] = time_call(run(model, True), args.repeats, args.device)
+        seconds["compiled_backbone"] = time_call(run(backbone, True), args.repeats, args.device)
     if not args.skip_recompute:
-        seconds["full_recompute"] = _time(
+        labels = torch.arange(args.batch, device=args.device) % config.num_classes
+        seconds["full_recompute"] = time_call(
             lambda: generate_without_cache(model, labels, sampling, torch.Generator(args.device).manual_seed(0)),
-            args.repeats)
+            args.repeats, args.device)
     ratios = {"engram_overhead_cached": seconds["cached"] / seconds["cached_backbone"] - 1}
     if "full_recompute" in seconds:
         ratios["cache_speedup"] = seconds["full_recompute"] / seconds["cached"]
@@ -88,13 +68,13 @@ def main() -> None:
         ratios["engram_overhead_compiled"] = seconds["compiled"] / seconds["compiled_backbone"] - 1
     rows = args.batch * (2 if sampling.uses_cfg else 1)
     print(json.dumps({
-        "benchmark": "decode", "size": args.size, "tokens": config.block_size, "batch": args.batch,
-        "rows_through_model": rows, "cfg_scale": args.cfg_scale, "device": args.device, "dtype": args.dtype,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "seconds_per_batch": {k: round(v, 4) for k, v in seconds.items()},
+        "benchmark": "decode", "size": args.size, "engram": args.engram,
+        "rows_per_head": config.engram.rows_per_head, "tokens": config.block_size,
+        "batch": args.batch, "rows_through_model": rows, "cfg_scale": args.cfg_scale, "device": args.device,
+        "dtype": args.dtype, **machine_info(args.device),
+        "seconds_per_batch": rounded(seconds, 4),
         "images_per_s": {k: round(args.batch / v, 2) for k, v in seconds.items()},
-        "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
+        "ratios": rounded(ratios, 3)}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""Shared pieces of the benchmark scripts: the Engram presets, an Engram model and the same backbone without
+Engram (identical weights elsewhere), one training step, one generated batch, a timer that synchronises on
+CUDA, and a description of the machine for the JSON.
+
+The scripts import this as `common` (run them as `python benchmarks/<name>.py`, which puts this folder on
+the path); it prints nothing and measures nothing itself. Models are `engram_vision`, sampling `sample`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engram_vision.config import MODEL_SIZES, EngramConfig, ModelConfig, model_config
+from engram_vision.model import EngramGPT
+from engram_vision.param_groups import param_groups
+from sample.generate import generate
+from sample.sampling import SamplingConfig
+
+PRESETS: dict[str, EngramConfig] = {
+    # One small Engram layer: what the CPU decoding figures in BENCHMARKS.md use.
+    "small": EngramConfig(layers=(1,), heads_per_order=4, head_dim=32, rows_per_head=4093),
+    # The GPT-B study's memory (configs/ar/gpt_b_imagenet256_engram_rho0.5.yaml): needs >= 7 blocks.
+    "study": EngramConfig(layers=(1, 6), neighborhoods=(("L", "U"), ("L", "U", "UL", "UR")), heads_per_order=8,
+                          head_dim=32, rows_per_head=53714),
+}
+
+
+def engram_preset(name: str, rows_per_head: int | None = None) -> EngramConfig:
+    """The named Engram memory (`PRESETS`), optionally with another table size per head."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown Engram preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    return preset if rows_per_head is None else dataclasses.replace(preset, rows_per_head=rows_per_head)
+
+
+def build_config(size: str, grid: int, preset: str, rows_per_head: int | None = None,
+                 table_device: str = "device") -> ModelConfig:
+    """`size` on a grid x grid token grid with the preset's Engram layers (tables on `table_device`)."""
+    engram = dataclasses.replace(engram_preset(preset, rows_per_head), table_device=table_device)
+    depth = MODEL_SIZES[size].n_layer if size in MODEL_SIZES else None
+    if depth is not None and max(engram.layers) >= depth:
+        fits = sorted(name for name, c in MODEL_SIZES.items() if c.n_layer > max(engram.layers))
+        raise ValueError(f"Engram preset {preset!r} puts Engram in blocks {engram.layers}, but {size} has only "
+                         f"{depth} blocks; use a size with >= {max(engram.layers) + 1} ({', '.join(fits)})")
+    return model_config(size, block_size=grid ** 2, grid=None, engram=engram)
+
+
+def backbone_state(model: EngramGPT) -> dict[str, torch.Tensor]:
+    """The model's state dict without its Engram parts (what the backbone without Engram loads)."""
+    return {k: v for k, v in model.state_dict().items() if ".engram." not in k and k != "code_map"}
+
+
+def model_pair(size: str, grid: int, preset: str, device: str, dtype: torch.dtype, table_device: str = "device",
+               rows_per_head: int | None = None, seed: int = 0) -> tuple[EngramGPT, EngramGPT]:
+    """(Engram model, the same backbone without Engram), both in eval mode on `device` in `dtype`, with
+    identical weights outside the Engram layers."""
+    config = build_config(size, grid, preset, rows_per_head, table_device)
+    torch.manual_seed(seed)
+    model = EngramGPT(config).eval().to(device, dtype)
+    backbone = EngramGPT(dataclasses.replace(config, engram=None)).eval().to(device, dtype)
+    backbone.load_state_dict(backbone_state(model))
+    return model, backbone
+
+
+def autocast(device: str, dtype: torch.dtype) -> torch.autocast:
+    """bf16 mixed precision (fp32 weights) when dtype is bfloat16, else a no-op context."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def train_step_fn(model: EngramGPT, batch: int, device: str, dtype: torch.dtype, lr: float = 1e-4,
+                  weight_decay: float = 0.05, seed: int = 0) -> Callable[[], None]:
+    """One optimizer step as training takes it (train/lit_ar.py): forward on tokens [B, T-1] and labels [B]
+    (under bf16 autocast when dtype is bfloat16), cross-entropy on all T targets, backward, AdamW over
+    `param_groups`. Puts the model in train mode; the batch is fixed random tokens."""
+    config = model.config
+    rng = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(config.vocab_size, (batch, config.block_size), generator=rng).to(device)
+    labels = torch.randint(config.num_classes, (batch,), generator=rng).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, lr, weight_decay), betas=(0.9, 0.95))
+    model.train()
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits = model(tokens[:, :-1], labels)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def generate_fn(model: EngramGPT, batch: int, cfg_scale: float, device: str,
+                compile: bool = False) -> Callable[[], torch.Tensor]:
+    """One generated batch (`sample.generate.generate`, static KV cache) of labels 0..batch-1, seed 0."""
+    labels = torch.arange(batch, device=device) % model.config.num_classes
+    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    return lambda: generate(model, labels, sampling, torch.Generator(device).manual_seed(0), compile=compile)
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> float:
+    """Seconds per call of `fn`, averaged over `repeats` calls after `warmup` untimed ones (compiles and
+    lazy allocations happen there); on CUDA the timed region starts and ends with a synchronize."""
+    if repeats < 1:
+        raise ValueError(f"time_call: repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def machine_info(device: str) -> dict[str, object]:
+    """torch version, CPU threads, processor, and the GPU's name on CUDA (keys of the scripts' JSON)."""
+    info: dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "machine": platform.processor() or platform.machine()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def add_args(parser: argparse.ArgumentParser, *, batch: int, repeats: int, engram: str = "small",
+             model: bool = True) -> None:
+    """The flags every script shares: --grid --batch --engram --rows-per-head --device --repeats --threads,
+    and with `model` also --size --dtype; parse them with `parse_args`."""
+    if model:
+        parser.add_argument("--size", default="gpt-small", help="a name in engram_vision.config.MODEL_SIZES")
+    parser.add_argument("--grid", type=int, default=16, help="token grid side (grid**2 tokens per image)")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--engram", default=engram, choices=sorted(PRESETS), help="Engram memory preset")
+    parser.add_argument("--rows-per-head", type=int, default=None, help="override the preset's table size")
+    parser.add_argument("--device", default="cpu")
+    if model:
+        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls after one warm-up")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids contention on a loaded machine")
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line and apply --threads (before any model is built)."""
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def rounded(values: dict[str, float], digits: int) -> dict[str, float]:
+    return {k: round(v, digits) for k, v in values.items()}

@@ -1,0 +1,75 @@
+"""Hashing speed: `engram_vision.hashing.hash_rows_layers` (every Engram layer in one call, as
+`EngramGPT.engram_rows` does it: one neighbourhood gather, stacked multipliers/primes/offsets) vs a loop of
+`hash_rows`, one call per layer with that layer's `HashParams` (the old way), in the same process on the
+same tokens; the script asserts that both give identical ids.
+
+Two shapes: a training forward (--batch sequences x all grid**2 positions, history = the grid**2 - 1 input
+tokens) and a decode step (--decode-rows rows, one position, a full-length history). No model is built:
+the constants come from `make_hash_params` with the preset's EngramConfig (default the GPT-B study's two
+layers), vocabulary 16384 and 1000 classes (ImageNet with the VQ-16 tokenizer).
+Prints JSON: seconds per call, ids per second (ids = rows x positions x heads x layers) and the speed-up of
+the stacked call over the loop for each shape.
+    python benchmarks/hashing.py [--grid 16] [--batch 8] [--decode-rows 128] [--engram study] [--device cpu]
+        [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import add_args, engram_preset, machine_info, parse_args, rounded, time_call
+
+from engram_vision.hashing import hash_rows, hash_rows_layers, make_hash_params
+
+VOCAB_SIZE, NUM_CLASSES = 16384, 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser, batch=8, repeats=20, engram="study", model=False)
+    parser.add_argument("--decode-rows", type=int, default=128, help="rows of a decode step (2 x batch with CFG)")
+    args = parse_args(parser)
+    config = engram_preset(args.engram, args.rows_per_head)
+    grid, cells = (args.grid, args.grid), args.grid ** 2
+    # As the model holds them: buffers on its device, stacked once for the all-layers call.
+    params = [p.to(args.device) for p in make_hash_params(config, VOCAB_SIZE, NUM_CLASSES).values()]
+    stacked = [torch.stack([getattr(p, name) for p in params]) for name in ("multipliers", "primes", "offsets")]
+    rng = torch.Generator().manual_seed(0)
+    shapes = {  # name: (history [rows, N], target positions [P])
+        "train": (torch.randint(VOCAB_SIZE, (args.batch, cells - 1), generator=rng), torch.arange(cells)),
+        "decode": (torch.randint(VOCAB_SIZE, (args.decode_rows, cells), generator=rng), torch.tensor([cells - 1])),
+    }
+    seconds, ids_per_s, ratios, counts = {}, {}, {}, {}
+    for name, (history, positions) in shapes.items():
+        history, positions = history.to(args.device), positions.to(args.device)
+        labels = torch.arange(history.shape[0], device=args.device) % NUM_CLASSES
+
+        def stacked_call(history=history, positions=positions, labels=labels):
+            return hash_rows_layers(history, positions, labels, grid, config, *stacked, pad_id=VOCAB_SIZE)
+
+        def loop_call(history=history, positions=positions, labels=labels):
+            return [hash_rows(history, positions, labels, grid, config, p, pad_id=VOCAB_SIZE) for p in params]
+
+        together, separate = stacked_call(), loop_call()
+        if not all(torch.equal(together[i], ids) for i, ids in enumerate(separate)):
+            raise AssertionError(f"{name}: hash_rows_layers and per-layer hash_rows give different ids")
+        counts[name] = together.numel()  # layers x rows x positions x heads
+        seconds[f"{name}_stacked"] = time_call(stacked_call, args.repeats, args.device)
+        seconds[f"{name}_loop"] = time_call(loop_call, args.repeats, args.device)
+        for variant in ("stacked", "loop"):
+            ids_per_s[f"{name}_{variant}"] = counts[name] / seconds[f"{name}_{variant}"]
+        ratios[f"{name}_stacked_speedup"] = seconds[f"{name}_loop"] / seconds[f"{name}_stacked"]
+    print(json.dumps({
+        "benchmark": "hashing", "engram": args.engram, "layers": list(config.layers),
+        "heads_per_layer": config.num_heads, "grid": args.grid, "batch": args.batch,
+        "decode_rows": args.decode_rows, "vocab_size": VOCAB_SIZE, "ids_per_call": counts, "identical_ids": True,
+        "device": args.device, **machine_info(args.device),
+        "seconds_per_call": {k: round(v, 7) for k, v in seconds.items()},
+        "ids_per_s": {k: round(v) for k, v in ids_per_s.items()},
+        "ratios": rounded(ratios, 3)}))
+
+
+if __name__ == "__main__":
+    main()

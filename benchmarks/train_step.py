@@ -1,0 +1,91 @@
+"""Training speed: one optimizer step (forward on tokens [B, T-1] and labels, cross-entropy on the T
+targets, backward, AdamW over `engram_vision.param_groups`) of the Engram model vs the same backbone without
+Engram (identical weights elsewhere), eager and, with --compile, `model.compile()` (fresh copies).
+
+Prints JSON: seconds per step, target tokens per second (B x grid**2), model FLOPs per step (3 x
+`engram_vision.budget.flops_per_token` x tokens: forward plus a backward of twice its cost), MFU against
+--peak-flops or, on CUDA, Lightning's table of the GPU's peak for the dtype, and the ratios
+engram_overhead_eager / engram_overhead_compiled (t_engram / t_backbone - 1) and compile_speedup (Engram
+model, eager over compiled). --dtype bfloat16 is bf16 autocast over fp32 weights (as bf16-mixed training).
+    python benchmarks/train_step.py [--size gpt-small] [--grid 16] [--batch 8] [--engram small]
+        [--device cpu] [--dtype float32] [--repeats 3] [--compile] [--peak-flops FLOPS]
+e.g. the GPT-B study on a GPU:
+    python benchmarks/train_step.py --size gpt-b --engram study --device cuda --dtype bfloat16 --batch 32 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+from common import (
+    add_args,
+    build_config,
+    machine_info,
+    model_pair,
+    parse_args,
+    rounded,
+    time_call,
+    train_step_fn,
+)
+from lightning.fabric.utilities.throughput import get_available_flops
+
+from engram_vision.budget import flops_per_token
+
+
+def peak_flops(device: str, dtype: torch.dtype, given: float | None) -> float | None:
+    """--peak-flops, else Lightning's figure for a known GPU, else None (CPUs: no MFU)."""
+    if given is not None:
+        return given
+    if torch.device(device).type != "cuda":
+        return None
+    peak = get_available_flops(torch.device(device), dtype)
+    return None if peak is None else float(peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser, batch=8, repeats=3)
+    parser.add_argument("--compile", action="store_true", help="also time model.compile()d copies")
+    parser.add_argument("--peak-flops", type=float, default=None, help="the device's peak FLOP/s for the dtype")
+    args = parse_args(parser)
+    dtype = getattr(torch, args.dtype)
+
+    def time_pair(compile: bool) -> tuple[float, float]:
+        # Fresh fp32 copies per mode (autocast supplies bf16), so compiled and eager runs share nothing.
+        model, backbone = model_pair(args.size, args.grid, args.engram, args.device, torch.float32,
+                                     rows_per_head=args.rows_per_head)
+        if compile:
+            model.compile()
+            backbone.compile()
+        return (time_call(train_step_fn(model, args.batch, args.device, dtype), args.repeats, args.device),
+                time_call(train_step_fn(backbone, args.batch, args.device, dtype), args.repeats, args.device))
+
+    seconds = dict(zip(("engram", "backbone"), time_pair(False), strict=True))
+    if args.compile:
+        seconds.update(zip(("engram_compiled", "backbone_compiled"), time_pair(True), strict=True))
+    config = build_config(args.size, args.grid, args.engram, args.rows_per_head)
+    backbone_config = dataclasses.replace(config, engram=None)
+    tokens = args.batch * config.block_size
+    flops = {"engram": 3 * flops_per_token(config) * tokens, "backbone": 3 * flops_per_token(backbone_config) * tokens}
+    peak = peak_flops(args.device, dtype, args.peak_flops)
+    mfu = {} if peak is None else {k: flops[k.removesuffix("_compiled")] / v / peak for k, v in seconds.items()}
+    ratios = {"engram_overhead_eager": seconds["engram"] / seconds["backbone"] - 1}
+    if args.compile:
+        ratios["engram_overhead_compiled"] = seconds["engram_compiled"] / seconds["backbone_compiled"] - 1
+        ratios["compile_speedup"] = seconds["engram"] / seconds["engram_compiled"]
+    print(json.dumps({
+        "benchmark": "train_step", "size": args.size, "engram": args.engram,
+        "rows_per_head": config.engram.rows_per_head, "grid": args.grid, "batch": args.batch,
+        "tokens_per_step": tokens, "device": args.device, "dtype": args.dtype, **machine_info(args.device),
+        "seconds_per_step": rounded(seconds, 4),
+        "tokens_per_s": {k: round(tokens / v, 1) for k, v in seconds.items()},
+        "flops_per_step": {k: int(v) for k, v in flops.items()},
+        "peak_flops": peak, "mfu": rounded(mfu, 4) if mfu else None,
+        "ratios": rounded(ratios, 3)}))
+
+
+if __name__ == "__main__":
+    main()
