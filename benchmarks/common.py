@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engram_vision.config import MODEL_SIZES, EngramConfig, ModelConfig, model_config
 from engram_vision.model import EngramGPT
-from engram_vision.param_groups import param_groups
+from engram_vision.param_groups import adamw
 from sample.generate import generate
 from sample.sampling import SamplingConfig
 
@@ -78,12 +78,12 @@ def train_step_fn(model: EngramGPT, batch: int, device: str, dtype: torch.dtype,
                   weight_decay: float = 0.05, seed: int = 0) -> Callable[[], None]:
     """One optimizer step as training takes it (train/lit_ar.py): forward on tokens [B, T-1] and labels [B]
     (under bf16 autocast when dtype is bfloat16), cross-entropy on all T targets, backward, AdamW over
-    `param_groups`. Puts the model in train mode; the batch is fixed random tokens."""
+    `engram_vision.param_groups.adamw` (as LitAR). Puts the model in train mode; the batch is fixed random tokens."""
     config = model.config
     rng = torch.Generator().manual_seed(seed)
     tokens = torch.randint(config.vocab_size, (batch, config.block_size), generator=rng).to(device)
     labels = torch.randint(config.num_classes, (batch,), generator=rng).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, lr, weight_decay), betas=(0.9, 0.95))
+    optimizer = adamw(model, lr, (0.9, 0.95), weight_decay)
     model.train()
 
     def step() -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 from engram_vision.budget import flops_per_token
 from engram_vision.config import ModelConfig
 from engram_vision.model import EngramGPT
-from engram_vision.param_groups import param_groups
+from engram_vision.param_groups import adamw
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
@@ -109,8 +109,7 @@ class LitAR(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model, hp.lr, hp.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
+        optimizer = adamw(self.model, hp.lr, tuple(hp.betas), hp.weight_decay)
         if hp.schedule == "constant" and hp.warmup_steps == 0:
             return optimizer
         total = hp.total_steps

@@ -13,7 +13,7 @@ from engram_vision.cache import DecodeState
 from engram_vision.config import EngramConfig, ModelConfig, model_config
 from engram_vision.interventions import collapse_tables, randomize_tables, with_gate
 from engram_vision.model import EngramGPT
-from engram_vision.param_groups import param_groups
+from engram_vision.param_groups import adamw, param_groups
 
 
 def llamagen_tiny(reference_dir) -> tuple[EngramGPT, dict]:
@@ -115,6 +115,23 @@ def test_param_groups_hold_exactly_the_tables_at_five_times_lr():
     assert all(p.ndim == 1 for p in groups["no_decay"]["params"])
     counted = sum(len(g["params"]) for g in groups.values())
     assert counted == len(list(model.parameters()))  # every trainable parameter exactly once
+
+
+def test_adamw_is_fused_and_steps_like_the_reference_loop():
+    models = [helpers.random_model(helpers.tiny_config()) for _ in range(2)]  # eval: no random label drop
+    fused = adamw(models[0], 1e-2, (0.9, 0.95), 0.05)
+    loop = torch.optim.AdamW(param_groups(models[1], 1e-2, 0.05), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    assert fused.defaults["fused"] and [g["name"] for g in fused.param_groups] == ["decay", "no_decay", "engram_tables"]
+    tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, loop), strict=True):
+            optimizer.zero_grad()
+            model(tokens, labels).square().mean().backward()
+            optimizer.step()
+    for (name, got), want in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch.equal(models[0].layers[0].engram.table.weight, helpers.random_model(helpers.tiny_config())
+                           .layers[0].engram.table.weight)  # the tables did move
 
 
 def _snapshot(model: EngramGPT) -> dict[str, torch.Tensor]:
