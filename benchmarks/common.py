@@ -125,6 +125,27 @@ def time_call(fn: Callable[[], object], repeats: int, device: str, warmup: int =
     return (time.perf_counter() - start) / repeats
 
 
+def time_paired(fns: dict[str, Callable[[], object]], repeats: int, device: str,
+                warmup: int = 1) -> dict[str, float]:
+    """Seconds per call of each of `fns`, timed in alternation (round r calls every fn once) and reported
+    as the fastest call of each: other load on the machine then slows every variant alike instead of one,
+    and the minimum is the least disturbed estimate (as `timeit` recommends)."""
+    if repeats < 1:
+        raise ValueError(f"time_paired: repeats must be >= 1, got {repeats}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def machine_info(device: str) -> dict[str, object]:
     """torch version, CPU threads, processor, and the GPU's name on CUDA (keys of the scripts' JSON)."""
     info: dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -15,7 +15,16 @@ import argparse
 import json
 
 import torch
-from common import add_args, generate_fn, machine_info, model_pair, parse_args, rounded, time_call
+from common import (
+    add_args,
+    generate_fn,
+    machine_info,
+    model_pair,
+    parse_args,
+    rounded,
+    time_call,
+    time_paired,
+)
 
 from engram_vision.model import EngramGPT
 from sample.sampling import SamplingConfig, cfg_mix, sample_next
@@ -50,11 +59,10 @@ def main() -> None:
     def run(net: EngramGPT, compile: bool = False):
         return generate_fn(net, args.batch, args.cfg_scale, args.device, compile=compile)
 
-    seconds = {"cached": time_call(run(model), args.repeats, args.device),
-               "cached_backbone": time_call(run(backbone), args.repeats, args.device)}
+    seconds = time_paired({"cached": run(model), "cached_backbone": run(backbone)}, args.repeats, args.device)
     if args.compile:
-        seconds["compiled"] = time_call(run(model, True), args.repeats, args.device)
-        seconds["compiled_backbone"] = time_call(run(backbone, True), args.repeats, args.device)
+        seconds.update(time_paired({"compiled": run(model, True), "compiled_backbone": run(backbone, True)},
+                                   args.repeats, args.device))
     if not args.skip_recompute:
         labels = torch.arange(args.batch, device=args.device) % config.num_classes
         seconds["full_recompute"] = time_call(

@@ -19,7 +19,7 @@ import argparse
 import json
 
 import torch
-from common import add_args, engram_preset, machine_info, parse_args, rounded, time_call
+from common import add_args, engram_preset, machine_info, parse_args, rounded, time_paired
 
 from engram_vision.hashing import hash_rows, hash_rows_layers, make_hash_params
 
@@ -56,8 +56,8 @@ def main() -> None:
         if not all(torch.equal(together[i], ids) for i, ids in enumerate(separate)):
             raise AssertionError(f"{name}: hash_rows_layers and per-layer hash_rows give different ids")
         counts[name] = together.numel()  # layers x rows x positions x heads
-        seconds[f"{name}_stacked"] = time_call(stacked_call, args.repeats, args.device)
-        seconds[f"{name}_loop"] = time_call(loop_call, args.repeats, args.device)
+        seconds.update(time_paired({f"{name}_stacked": stacked_call, f"{name}_loop": loop_call}, args.repeats,
+                                   args.device))
         for variant in ("stacked", "loop"):
             ids_per_s[f"{name}_{variant}"] = counts[name] / seconds[f"{name}_{variant}"]
         ratios[f"{name}_stacked_speedup"] = seconds[f"{name}_loop"] / seconds[f"{name}_stacked"]

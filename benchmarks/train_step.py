@@ -27,7 +27,7 @@ from common import (
     model_pair,
     parse_args,
     rounded,
-    time_call,
+    time_paired,
     train_step_fn,
 )
 from lightning.fabric.utilities.throughput import get_available_flops
@@ -60,8 +60,10 @@ def main() -> None:
         if compile:
             model.compile()
             backbone.compile()
-        return (time_call(train_step_fn(model, args.batch, args.device, dtype), args.repeats, args.device),
-                time_call(train_step_fn(backbone, args.batch, args.device, dtype), args.repeats, args.device))
+        steps = {"engram": train_step_fn(model, args.batch, args.device, dtype),
+                 "backbone": train_step_fn(backbone, args.batch, args.device, dtype)}
+        timed = time_paired(steps, args.repeats, args.device)
+        return timed["engram"], timed["backbone"]
 
     seconds = dict(zip(("engram", "backbone"), time_pair(False), strict=True))
     if args.compile:
