@@ -4,6 +4,8 @@ Writes `<out>/images/{index:06d}.png`, then `<out>/samples.npz` (`arr_0` uint8 [
 [N], the ADM evaluator layout) and `<out>/manifest.json` (checkpoint and tokenizer hashes, sampler
 settings, seed, label scheme). Runs through Lightning's predict loop on every device; rerunning after an
 interruption samples only the missing batches (`sample/job.py`); a rerun with other settings is refused.
+Every file is written atomically (a temporary file beside it, then a rename; a rerun removes the temporary
+files of a killed run), so a kill or a full disk never leaves a half-written PNG under its final name.
 Token generation is `sample/generate.py`; scoring the images is `python -m metrics`.
 """
 
@@ -26,11 +28,14 @@ from sample.generate import generate
 from sample.job import LabelScheme, SamplePlan, batch_seed, image_path, plan_labels
 from sample.sampling import SamplingConfig
 from tokenizers_vq.checkpoint import (
+    TEMP_SUFFIX,
     WEIGHTS_NAME,
     atomic_write,
     atomic_write_text,
     file_sha256,
     load_tokenizer,
+    remove_stale_temps,
+    temp_target,
 )
 
 
@@ -68,6 +73,12 @@ class _PendingBatches(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         pending = self.plan.pending(self.out, self.trainer.global_rank, self.trainer.world_size)
+        # Temporary PNGs of a killed run, for this rank's images only (other ranks may be writing theirs).
+        mine = {image_path(self.out, i).name for batch in pending for i in self.plan.indices(batch)}
+        folder = image_path(self.out, 0).parent
+        for tmp in folder.glob(f".*{TEMP_SUFFIX}") if folder.is_dir() else ():
+            if temp_target(tmp) in mine:
+                tmp.unlink(missing_ok=True)
         return DataLoader(pending, batch_size=None)
 
 
@@ -119,6 +130,8 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
     trainer.strategy.barrier()  # every rank's PNGs are on disk before rank 0 gathers them
     if not trainer.is_global_zero:
         return {}
+    for name in ("samples.npz", "manifest.json"):  # leftovers of a run killed while writing them
+        remove_stale_temps(out_dir / name)
     pixels = np.stack([decode_png(torch.frombuffer(bytearray(image_path(out_dir, i).read_bytes()), dtype=torch.uint8))
                        .permute(1, 2, 0).numpy() for i in range(num_samples)])
     def write_npz(tmp: str) -> None:

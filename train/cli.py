@@ -5,6 +5,8 @@ Stages map to a LightningModule; the data module is chosen in YAML by `class_pat
 new data source is a new class, not a new flag. Every run saves its resolved config beside its logs.
 A checkpoint restored with `--ckpt_path` is read with `weights_only=True` unless the command line or a
 config says `--weights_only false` (Lightning otherwise defers to torch, whose default was False before 2.6).
+Checkpoints and the saved `config.yaml` are written atomically (`train.checkpoint_io`): a job killed or out
+of disk space mid-save leaves the previous `last.ckpt` intact for `--ckpt_path last`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from tokenizers_vq.checkpoint import atomic_write_text
+from train.checkpoint_io import use_atomic_checkpoints
 
 
 def _tokenizer_module() -> type[L.LightningModule]:
@@ -44,12 +50,35 @@ def with_safe_loading(args: list[str]) -> list[str]:
     return [subcommand, "--weights_only=true", *args[1:]]
 
 
+class AtomicSaveConfig(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, but `<log_dir>/config.yaml` goes through `atomic_write_text` (a rerun
+    overwrites it: a resumed run saves the config it resumed with)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask
+        if self.save_to_log_dir and log_dir is not None and trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write_text(Path(log_dir) / self.config_filename, text)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+
+class _CLI(LightningCLI):
+    """LightningCLI whose Trainer writes checkpoints atomically."""
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
+
+
 def run_stage(stage: str, args: list[str]) -> LightningCLI:
     """Run LightningCLI for `stage` with command-line `args` (e.g. `["fit", "--config", "x.yaml"]`)."""
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
-    return LightningCLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True,
-                        args=with_safe_loading(args), save_config_kwargs={"overwrite": True})
+    return _CLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=with_safe_loading(args),
+                save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,6 +71,7 @@ def prepare_evaluation(run_dir: Path) -> dict:
     import numpy as np
 
     from metrics.domain import train_domain_classifier
+    from tokenizers_vq.checkpoint import atomic_write
     from train.digits import digits_split
 
     classifier = run_dir / "domain_classifier"
@@ -80,7 +81,13 @@ def prepare_evaluation(run_dir: Path) -> dict:
     for split in ("train", "val"):
         path = run_dir / "reference" / f"digits_{split}.npz"
         if not path.is_file():
-            np.savez(path, arr_0=digits_split(split)[0])
+            images = digits_split(split)[0]
+
+            def write(tmp: str, images: np.ndarray = images) -> None:
+                with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a bare name
+                    np.savez(handle, arr_0=images)
+
+            atomic_write(path, write)
     tokenizer_report = run_dir / "vq" / "tokenizer" / "eval_metrics.json"
     if not tokenizer_report.is_file():
         from metrics.tokenizer_eval import evaluate_tokenizer

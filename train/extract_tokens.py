@@ -11,8 +11,9 @@ A label outside [0, num_classes) stops the run with a ValueError naming the imag
 
 Runs through Lightning's predict loop on every rank. Resumable: the index space is cut into fixed shards of
 `shard_size` consecutive indices, dealt to ranks in turn; shards already on disk are skipped; each shard is
-written to `<name>.tar.tmp` and renamed once complete (its `<name>.json` summary first), so an interruption
-loses at most the shards in flight, which the next run redoes. Rank 0 writes meta.json atomically after
+written to a temporary file beside it and renamed once complete (its `<name>.json` summary first), so an
+interruption or a full disk loses at most the shards in flight, which the next run redoes (removing their
+temporary files). Rank 0 writes meta.json atomically after
 every rank has finished. Decoding and views are `train.image_views`' job; reading shards for training is
 `train.token_data`'s.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,14 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Subset
 
-from tokenizers_vq.checkpoint import WEIGHTS_NAME, atomic_write_text, file_sha256, load_tokenizer
+from tokenizers_vq.checkpoint import (
+    WEIGHTS_NAME,
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    load_tokenizer,
+    remove_stale_temps,
+)
 from train.image_views import ViewsCollate, ViewsDataset
 from train.token_data import FORMAT, META_NAME
 from train.transforms import NUM_VIEWS, ViewMode
@@ -124,8 +131,9 @@ class _ExtractionData(LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = self.plan.rank_shards(rank, world)
         todo = [k for k in mine if not self.plan.is_complete(k)]
-        for k in todo:  # leftovers of an interrupted run
-            self.plan.tar(k).with_name(self.plan.tar(k).name + ".tmp").unlink(missing_ok=True)
+        for k in todo:  # temporary files of a killed run (this rank alone writes these shards)
+            remove_stale_temps(self.plan.tar(k))
+            remove_stale_temps(self.plan.summary(k))
         positions = np.flatnonzero(np.isin(self.dataset.indices // self.plan.shard_size, todo))
         print(f"[rank {rank}/{world}] {len(todo)} of {len(mine)} shards to write ({len(positions)} images); "
               f"{len(mine) - len(todo)} already complete", flush=True)
@@ -185,25 +193,27 @@ class TokenShardWriter(BasePredictionWriter):
 
     def _write(self, k: int, entry: dict[str, Any]) -> None:
         final = self.plan.tar(k)
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as stream:
-            with wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as sink:
-                for index in sorted(entry["samples"]):
-                    codes, label = entry["samples"][index]
-                    buffer = io.BytesIO()
-                    np.save(buffer, codes, allow_pickle=False)
-                    sink.write({"__key__": f"{index:0{KEY_DIGITS}d}", "tokens.npy": buffer.getvalue(),
-                                "cls": str(label).encode()})
-            stream.flush()
-            os.fsync(stream.fileno())  # the rename below must never expose a shard the disk has not got
         position = np.searchsorted(self.dataset.indices, sorted(entry["skipped"]))
         skipped = [{"index": int(self.dataset.indices[p]), "name": self.dataset.describe(int(p))}
                    for p in position]  # fmt: skip
         summary = {"shard": final.name, "first_index": k * self.plan.shard_size,
                    "num_items": self.plan.counts[k], "num_samples": len(entry["samples"]), "skipped": skipped,
                    "signature": self.plan.signature}  # fmt: skip
-        atomic_write_text(self.plan.summary(k), json.dumps(summary, indent=1))
-        os.replace(tmp, final)  # the shard appears complete or not at all
+
+        def write_tar(tmp: str) -> None:
+            with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as sink:
+                for index in sorted(entry["samples"]):
+                    codes, label = entry["samples"][index]
+                    buffer = io.BytesIO()
+                    np.save(buffer, codes, allow_pickle=False)
+                    sink.write({"__key__": f"{index:0{KEY_DIGITS}d}", "tokens.npy": buffer.getvalue(),
+                                "cls": str(label).encode()})
+            # The summary once the tar is whole and before it is renamed into place: a shard counts as done
+            # only when both exist (`ShardPlan.is_complete`).
+            atomic_write_text(self.plan.summary(k), json.dumps(summary, indent=1))
+
+        # fsynced before the rename, so the rename never exposes a shard the disk has not got.
+        atomic_write(final, write_tar, sync=True)
 
 
 def _weights_file(path: Path) -> Path:

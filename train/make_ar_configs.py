@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engram_vision.budget import count_parameters, solve_budget
 from engram_vision.config import EngramConfig, ModelConfig, model_config
+from tokenizers_vq.checkpoint import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "ar"
 
@@ -145,7 +146,7 @@ def write_all(directory: Path = CONFIG_DIR) -> list[Path]:
     for data in (IMAGENET, DIGITS):
         for stem, (config, note) in variants(data).items():
             path = directory / f"{stem}.yaml"
-            path.write_text(render(data, stem, config, note))
+            atomic_write_text(path, render(data, stem, config, note))
             written.append(path)
     return written
 

@@ -5,8 +5,9 @@ when it already is an RGB or grayscale JPEG, else a quality-95 re-encode of its 
 `train.transforms.to_rgb`) and `cls` (the class index, torchvision's sorted folder order); `classes.json`
 maps index -> folder name. Shard k holds source files
 [k * shard_size, (k+1) * shard_size), so shard contents never depend on which other shards exist, and a
-rerun can skip finished shards. Each shard is written under a temporary name and renamed once complete
-(a crash leaves no half shard), after a `<prefix>-NNNNNN.json` summary beside it. Corrupt or truncated
+rerun can skip finished shards. Each shard is written under a temporary name beside it and renamed once
+complete (a crash or a full disk leaves no half shard; the rerun removes the temporary file), after a
+`<prefix>-NNNNNN.json` summary beside it. Corrupt or truncated
 images are skipped, warned about, listed in their shard's summary, and totalled in the printed line and
 the returned summary. Reading the shards is `train.image_data`'s job.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,6 +26,7 @@ from jsonargparse import CLI
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from tokenizers_vq.checkpoint import atomic_write, atomic_write_text, remove_stale_temps
 from train.transforms import UNREADABLE_IMAGE_ERRORS, CorruptImageWarning, to_rgb
 
 __all__ = ["write_shards", "encode_jpeg", "main", "KEY_DIGITS"]
@@ -57,12 +58,6 @@ def encode_jpeg(path: str | Path, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_one_shard(job: dict[str, Any]) -> dict[str, Any]:
     """Write shard `job["name"]` from `job["files"]` (list of (path, class index)) unless it exists.
 
@@ -79,32 +74,29 @@ def _write_one_shard(job: dict[str, Any]) -> dict[str, Any]:
             )
         return {**summary, "shard": final.name, "reused": True}
 
-    tmp = out / f"{name}.tar.tmp"
+    # One process writes a shard: temporary files of its name are leftovers of a killed run.
+    remove_stale_temps(final)
+    remove_stale_temps(summary_path)
+    summary: dict[str, Any] = {"shard": final.name, "first_index": first, "num_files": len(files)}
     skipped: list[str] = []
-    written = 0
-    try:
-        with open(tmp, "wb") as stream:
-            with wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as sink:
-                for offset, (path, label) in enumerate(files):
-                    try:
-                        data = encode_jpeg(path, job["quality"])
-                    except UNREADABLE_IMAGE_ERRORS as exn:
-                        warnings.warn(
-                            f"skipping unreadable image {path}: {exn}", CorruptImageWarning, stacklevel=1
-                        )
-                        skipped.append(str(path))
-                        continue
-                    key = f"{first + offset:0{KEY_DIGITS}d}"
-                    sink.write({"__key__": key, "jpg": data, "cls": str(label).encode()})
-                    written += 1
-            stream.flush()
-            os.fsync(stream.fileno())  # the rename below must never expose a shard the disk has not got
-        summary = {"shard": final.name, "first_index": first, "num_files": len(files),
-                   "num_samples": written, "skipped": skipped}  # fmt: skip
-        _atomic_write_text(summary_path, json.dumps(summary, indent=1))
-        os.replace(tmp, final)  # the shard appears complete or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write_tar(tmp: str) -> None:
+        written = 0
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as sink:
+            for offset, (path, label) in enumerate(files):
+                try:
+                    data = encode_jpeg(path, job["quality"])
+                except UNREADABLE_IMAGE_ERRORS as exn:
+                    warnings.warn(f"skipping unreadable image {path}: {exn}", CorruptImageWarning, stacklevel=1)
+                    skipped.append(str(path))
+                    continue
+                sink.write({"__key__": f"{first + offset:0{KEY_DIGITS}d}", "jpg": data,
+                            "cls": str(label).encode()})
+                written += 1
+        summary.update(num_samples=written, skipped=skipped)
+        atomic_write_text(summary_path, json.dumps(summary, indent=1))  # before the tar is renamed into place
+
+    atomic_write(final, write_tar, sync=True)  # the shard appears complete or not at all
     return {**summary, "reused": False}
 
 
@@ -141,7 +133,7 @@ def write_shards(
     classes_json = json.dumps({str(i): name for i, name in enumerate(classes)}, indent=1)
     classes_path = out_path / "classes.json"
     if not classes_path.is_file():
-        _atomic_write_text(classes_path, classes_json)
+        atomic_write_text(classes_path, classes_json)
     elif json.loads(classes_path.read_text()) != json.loads(classes_json):
         raise ValueError(f"{classes_path} lists other classes than {root}: use another --out")
 

@@ -175,7 +175,7 @@ def test_interrupted_extraction_resumes_exactly(tok: Path, ref64: Path, tmp_path
     assert sorted(read_tars(tmp_path)) == [f"{i:09d}" for i in range(297)]
     # A lost shard plus the .tmp of a crash mid-write: only that shard is redone.
     (tmp_path / "val-000002.tar").unlink()
-    (tmp_path / "val-000002.tar.tmp").write_bytes(b"half a shard")
+    (tmp_path / ".val-000002.tar.x1y2z3.tmp").write_bytes(b"half a shard")  # atomic_write's temporary name
     meta = extract_tokens(str(tok), DigitsDataModule(), str(tmp_path), **run)
     assert digests(tmp_path) == digests(ref64) and not list(tmp_path.glob("*.tmp"))
     assert meta == json.loads((ref64 / "meta.json").read_text())
