@@ -6,6 +6,8 @@ tokens/s and, per Engram layer, the mean and spread of the gate; `flops_per_batc
 `train.throughput.TokenThroughput` turns into FLOP/s and MFU. Gradient clipping and precision are
 Trainer settings; EMA is Lightning's `EMAWeightAveraging` callback (its weights are what checkpoints hold
 and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/token_data.py`.
+A non-finite loss stops training with an error naming the step and batch before any checkpoint is written
+from the broken weights (`train.finite_guard`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from engram_vision.budget import flops_per_token
 from engram_vision.config import ModelConfig
 from engram_vision.model import EngramGPT
 from engram_vision.param_groups import adamw
+from train.checkpoint_io import checkpoint_mismatch
+from train.finite_guard import LossGuard, check_finite_weights
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
@@ -77,6 +81,7 @@ class LitAR(L.LightningModule):
             memory.gate_probe.register_forward_hook(self._record_gate(memory.layer_id))
         self._last_step_time: float | None = None
         self._last_batch_tokens = 0
+        self._loss_guard = LossGuard()
 
     @property
     def flops_per_batch(self) -> float:
@@ -125,8 +130,12 @@ class LitAR(L.LightningModule):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        # The previous step's loss, read where the model's input check waits for the device anyway.
+        self._loss_guard.check()
         tokens, labels = batch
         loss = self._nll(tokens, labels)
+        self._loss_guard.record({"global step": self.global_step, "batch": batch_idx, "epoch": self.current_epoch},
+                                loss=loss)
         self._last_batch_tokens = tokens.numel()
         now = time.perf_counter()
         if self._last_step_time is not None:  # steady-state throughput: tokens per wall second between steps
@@ -139,6 +148,27 @@ class LitAR(L.LightningModule):
             self.log(f"gate/layer{layer}_std", gate.float().std())
         self._gate_values.clear()
         return loss
+
+    def on_validation_start(self) -> None:
+        self._loss_guard.check()  # no validation (nor metrics.json) of weights after a non-finite loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_hparams = checkpoint.get("hyper_parameters", {})  # for a readable error if it does not fit
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:  # torch lists every key; say which config fields and keys differ
+            saved = getattr(self, "_saved_hparams", {}).get("model")
+            raise ValueError(checkpoint_mismatch(self, state_dict, saved, self.hparams["model"], "model")) from error
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning writes the file: a raise here leaves the previous checkpoint as it was.
+        self._loss_guard.check()
+        check_finite_weights(checkpoint["state_dict"], self.global_step)
+
+    def on_train_end(self) -> None:
+        self._loss_guard.check()  # the last step's loss, before ExportModel writes the model
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         tokens, labels = batch

@@ -5,6 +5,8 @@ module only schedules them: manual optimisation with one optimizer for the token
 discriminator, gradient clipping, and validation metrics (PSNR, codebook usage and perplexity).
 EMA is Lightning's `EMAWeightAveraging` callback (with `use_buffers: false`, so the code ring buffer and
 the step counter are never averaged); the reconstruction grid and metrics.json are `train/callbacks.py`.
+A non-finite generator or discriminator loss stops training with an error naming the step and batch before
+any checkpoint is written from the broken weights (`train.finite_guard`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from tokenizers_vq.config import VQConfig
 from tokenizers_vq.losses import VQLoss, VQLossConfig
 from tokenizers_vq.model import VQModel
 from tokenizers_vq.quantizer import codebook_stats
+from train.checkpoint_io import checkpoint_mismatch
+from train.finite_guard import LossGuard, check_finite_weights
 
 
 def psnr(reconstructions: Tensor, images: Tensor) -> Tensor:
@@ -61,6 +65,7 @@ class LitVQ(L.LightningModule):
         # global_step counts optimizer steps, i.e. two per batch once the discriminator trains.
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self._val_code_counts: Tensor | None = None
+        self._loss_guard = LossGuard()
 
     @property
     def has_discriminator(self) -> bool:
@@ -86,16 +91,21 @@ class LitVQ(L.LightningModule):
         images, _ = batch
         if images.shape[0] == 0:  # every image of the batch was corrupt and skipped by the data module
             return None
+        self._loss_guard.check()  # the previous step's losses, read where int(iterations) waits anyway
         step = int(self.iterations)
+        where = {"global step": self.global_step, "batch": batch_idx, "epoch": self.current_epoch,
+                 "iteration": step}
         optimizers = self.optimizers()
         gen_opt = optimizers[0] if isinstance(optimizers, list) else optimizers
         out = self.model(images)
         gen_loss, logs = self.loss.generator_loss(images, out.reconstructions, out.quantized.codebook_loss, step,
                                                   self.model.decoder.last_layer)
+        self._loss_guard.record(where, generator_loss=gen_loss)
         self._step(gen_opt, gen_loss)
         self.model.quantize.record_usage(out.quantized.codes)
         if self.has_discriminator and self.loss.discriminator_active(step):
             disc_loss, disc_logs = self.loss.discriminator_loss(images, out.reconstructions, step)
+            self._loss_guard.record(where, generator_loss=gen_loss, discriminator_loss=disc_loss)
             self._step(optimizers[1], disc_loss)
             logs |= disc_logs
         self.iterations += 1
@@ -103,6 +113,27 @@ class LitVQ(L.LightningModule):
         self.log("train/loss", gen_loss.detach(), prog_bar=True)
         self.log("train/codebook_usage_recent", self.model.quantize.recent_usage())
         return gen_loss.detach()
+
+    def on_validation_start(self) -> None:
+        self._loss_guard.check()  # no validation (nor metrics.json) of weights after a non-finite loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_hparams = checkpoint.get("hyper_parameters", {})  # for a readable error if it does not fit
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:  # torch lists every key; say which config fields and keys differ
+            saved = getattr(self, "_saved_hparams", {}).get("tokenizer")
+            raise ValueError(checkpoint_mismatch(self, state_dict, saved, self.hparams["tokenizer"], "tokenizer")) from error
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning writes the file: a raise here leaves the previous checkpoint as it was.
+        self._loss_guard.check()
+        check_finite_weights(checkpoint["state_dict"], self.global_step)
+
+    def on_train_end(self) -> None:
+        self._loss_guard.check()  # the last step's losses, before ExportModel writes the tokenizer
 
     def on_validation_epoch_start(self) -> None:
         self._val_code_counts = torch.zeros(self.model.codebook_size, device=self.device)

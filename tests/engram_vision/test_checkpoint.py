@@ -42,3 +42,24 @@ def test_safetensors_round_trip_keeps_hash_constants_and_outputs(tmp_path):
         assert torch.equal(ours.multipliers, theirs.multipliers) and torch.equal(ours.primes, theirs.primes)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_gpt(tmp_path)
+
+
+def test_export_with_separate_key_and_value_projections_still_loads(tmp_path):
+    """An export written before the key/value projections were fused: the checked load lets the model's
+    load hook convert it instead of refusing the old key names."""
+    from safetensors.torch import save_file
+
+    model = helpers.random_model(helpers.tiny_config())
+    save_gpt(model, tmp_path)
+    old = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("key_value_proj.weight"):
+            key, value = tensor.chunk(2)
+            old[name.replace("key_value_proj", "key_proj")], old[name.replace("key_value_proj", "value_proj")] = (
+                key.contiguous(), value.contiguous())
+        else:
+            old[name] = tensor.contiguous()
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(load_gpt(tmp_path)(tokens, labels), model(tokens, labels))

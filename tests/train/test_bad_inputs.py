@@ -407,3 +407,27 @@ def test_extract_tokens_converts_modes_counts_skipped_and_checks_labels(
     assert torch.equal(tokens[:3], codes) and labels.tolist() == [0, 0, 0, 1]
     with pytest.raises(ValueError, match=r"image 1 \(blank-1.png\): label 10 is outside \[0, 10\)"):
         extract_tokens(str(tok), _BadLabelData(), str(tmp_path / "bad"), views="center", **cpu)
+
+
+def test_resume_from_a_checkpoint_of_another_architecture_names_fields_and_keys(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from engram_vision.config import EngramConfig
+
+    data = TokenShardsDataModule(str(_token_shards(tmp_path, _codes(8), [0, 1, 2, 3] * 2)), batch_size=4,
+                                 num_workers=0)  # fmt: skip
+    base = dict(dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=16, num_classes=4, block_size=16)
+
+    def fit(config: ModelConfig, ckpt_path: str | None = None) -> None:
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        trainer.fit(LitAR(config), data, ckpt_path=ckpt_path, weights_only=True)
+
+    fit(ModelConfig(**base))
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    with pytest.raises(ValueError, match=r"(?s)model\.dim: checkpoint 32, this run 64.*wrong shape: model\."):
+        fit(ModelConfig(**{**base, "dim": 64}), last)
+    engram = EngramConfig(layers=(1,), heads_per_order=2, head_dim=8, rows_per_head=31)
+    with pytest.raises(ValueError, match=r"(?s)model\.engram: checkpoint None.*missing: model\.layers\.1\.engram\."):
+        fit(ModelConfig(**base, engram=engram), last)
