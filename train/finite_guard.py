@@ -8,6 +8,8 @@ checkpoint (`on_save_checkpoint`, which runs before Lightning writes the file) a
 so no checkpoint, metrics.json or exported model is written after a non-finite loss. `check_finite_weights`
 refuses a checkpoint whose weights are non-finite all the same (a finite loss with inf gradients).
 What to do about the error (lower lr, clipping, bf16) is the user's call; resuming is `--ckpt_path last`.
+`GuardedCheckpoints` is the part LitAR and LitVQ share: those hooks, and a readable error when a resumed
+checkpoint belongs to another architecture (`train.checkpoint_io.checkpoint_mismatch`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from train.checkpoint_io import checkpoint_mismatch
 
 RESUME_HINT = ("no checkpoint was written from this state; the last checkpoint is intact: resume with "
                "--ckpt_path last (e.g. with a lower lr or gradient clipping) or a checkpoint from before the step")
@@ -66,3 +70,33 @@ def check_finite_weights(state_dict: Mapping[str, Any], global_step: int) -> Non
             name = flags[int((~finite).nonzero()[0])][0]
             raise NonFiniteLossError(f"refusing to save a checkpoint at global step {global_step}: {name} holds "
                                      f"NaN or inf values; {RESUME_HINT}")
+
+
+class GuardedCheckpoints:
+    """Mixin for a LightningModule (listed before it) that owns `_loss_guard` (a LossGuard) and keeps its
+    model configuration in the hyper-parameter `config_name`: checks the loss before validation, every
+    checkpoint and the end of training, and names the differing config fields when a checkpoint does not fit."""
+
+    config_name: str
+
+    def on_validation_start(self) -> None:
+        self._loss_guard.check()  # no validation (nor metrics.json) of weights after a non-finite loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_hparams = checkpoint.get("hyper_parameters", {})  # for a readable error if it does not fit
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:  # torch lists every key; say which config fields and keys differ
+            saved = getattr(self, "_saved_hparams", {}).get(self.config_name)
+            raise ValueError(checkpoint_mismatch(self, state_dict, saved, self.hparams[self.config_name],
+                                                 self.config_name)) from error
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning writes the file: a raise here leaves the previous checkpoint as it was.
+        self._loss_guard.check()
+        check_finite_weights(checkpoint["state_dict"], self.global_step)
+
+    def on_train_end(self) -> None:
+        self._loss_guard.check()  # the last step's losses, before ExportModel writes the model

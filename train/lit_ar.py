@@ -26,8 +26,7 @@ from engram_vision.budget import flops_per_token
 from engram_vision.config import ModelConfig
 from engram_vision.model import EngramGPT
 from engram_vision.param_groups import adamw
-from train.checkpoint_io import checkpoint_mismatch
-from train.finite_guard import LossGuard, check_finite_weights
+from train.finite_guard import GuardedCheckpoints, LossGuard
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
@@ -40,7 +39,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_rat
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class LitAR(L.LightningModule):
+class LitAR(GuardedCheckpoints, L.LightningModule):
     """Trains `EngramGPT(model)` to predict image tokens given the class.
 
     Args:
@@ -56,6 +55,8 @@ class LitAR(L.LightningModule):
         code_map_tokenizer: tokenizer whose codebook the Engram code map is fitted to (k-means), when
             EngramConfig.code_map is set.
     """
+
+    config_name = "model"  # the hyper-parameter holding the model configuration
 
     def __init__(self, model: ModelConfig = ModelConfig(), lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
                  weight_decay: float = 0.05, schedule: Literal["constant", "cosine"] = "constant",
@@ -148,27 +149,6 @@ class LitAR(L.LightningModule):
             self.log(f"gate/layer{layer}_std", gate.float().std())
         self._gate_values.clear()
         return loss
-
-    def on_validation_start(self) -> None:
-        self._loss_guard.check()  # no validation (nor metrics.json) of weights after a non-finite loss
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._saved_hparams = checkpoint.get("hyper_parameters", {})  # for a readable error if it does not fit
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except RuntimeError as error:  # torch lists every key; say which config fields and keys differ
-            saved = getattr(self, "_saved_hparams", {}).get("model")
-            raise ValueError(checkpoint_mismatch(self, state_dict, saved, self.hparams["model"], "model")) from error
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Runs before Lightning writes the file: a raise here leaves the previous checkpoint as it was.
-        self._loss_guard.check()
-        check_finite_weights(checkpoint["state_dict"], self.global_step)
-
-    def on_train_end(self) -> None:
-        self._loss_guard.check()  # the last step's loss, before ExportModel writes the model
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         tokens, labels = batch

@@ -22,8 +22,7 @@ from tokenizers_vq.config import VQConfig
 from tokenizers_vq.losses import VQLoss, VQLossConfig
 from tokenizers_vq.model import VQModel
 from tokenizers_vq.quantizer import codebook_stats
-from train.checkpoint_io import checkpoint_mismatch
-from train.finite_guard import LossGuard, check_finite_weights
+from train.finite_guard import GuardedCheckpoints, LossGuard
 
 
 def psnr(reconstructions: Tensor, images: Tensor) -> Tensor:
@@ -32,7 +31,7 @@ def psnr(reconstructions: Tensor, images: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-class LitVQ(L.LightningModule):
+class LitVQ(GuardedCheckpoints, L.LightningModule):
     """Trains `VQModel(tokenizer)` with `VQLoss(loss)`.
 
     Args:
@@ -44,6 +43,8 @@ class LitVQ(L.LightningModule):
         disc_lr: learning rate of the discriminator (None: same as lr).
         grad_clip: max global gradient norm per optimizer (0 disables clipping).
     """
+
+    config_name = "tokenizer"  # the hyper-parameter holding the model configuration
 
     def __init__(self, tokenizer: VQConfig = VQConfig(), loss: VQLossConfig = VQLossConfig(), lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0,
@@ -113,27 +114,6 @@ class LitVQ(L.LightningModule):
         self.log("train/loss", gen_loss.detach(), prog_bar=True)
         self.log("train/codebook_usage_recent", self.model.quantize.recent_usage())
         return gen_loss.detach()
-
-    def on_validation_start(self) -> None:
-        self._loss_guard.check()  # no validation (nor metrics.json) of weights after a non-finite loss
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._saved_hparams = checkpoint.get("hyper_parameters", {})  # for a readable error if it does not fit
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except RuntimeError as error:  # torch lists every key; say which config fields and keys differ
-            saved = getattr(self, "_saved_hparams", {}).get("tokenizer")
-            raise ValueError(checkpoint_mismatch(self, state_dict, saved, self.hparams["tokenizer"], "tokenizer")) from error
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Runs before Lightning writes the file: a raise here leaves the previous checkpoint as it was.
-        self._loss_guard.check()
-        check_finite_weights(checkpoint["state_dict"], self.global_step)
-
-    def on_train_end(self) -> None:
-        self._loss_guard.check()  # the last step's losses, before ExportModel writes the tokenizer
 
     def on_validation_epoch_start(self) -> None:
         self._val_code_counts = torch.zeros(self.model.codebook_size, device=self.device)
