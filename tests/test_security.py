@@ -440,7 +440,7 @@ def test_token_shard_readers_skip_pickle_members(marker: Path, tmp_path: Path) -
 
 
 def test_image_shard_readers_skip_pickle_members(marker: Path, tmp_path: Path) -> None:
-    from train.image_data import ImageShardsDataModule
+    from train.image_shards import ImageShardsDataModule
 
     rng = np.random.default_rng(0)
     labels = [i % 2 for i in range(N)]

@@ -292,7 +292,7 @@ def extract_tokens(
         raise ValueError(f"views must be one of {sorted(NUM_VIEWS)}, got {views!r}")
     if not hasattr(data, "views_dataset"):
         raise TypeError(f"{type(data).__name__} has no views_dataset(split, views): use an image DataModule "
-                        f"from train.image_data")
+                        f"from train.image_data or train.image_shards")
     model = load_tokenizer(tokenizer, tokenizer_size)
     codebook, factor = int(model.codebook_size), int(model.downsample_factor)
     image_size = int(data.image_size)

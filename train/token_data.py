@@ -30,7 +30,7 @@ import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.image_data import is_local_url, shard_urls
+from train.image_shards import is_local_url, shard_urls
 from train.transforms import parse_label
 
 __all__ = ["TokenShardsDataModule", "TokenTrainStream", "TokenEvalStream", "read_token_meta", "read_token_set",

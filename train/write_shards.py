@@ -9,7 +9,7 @@ rerun can skip finished shards. Each shard is written under a temporary name bes
 complete (a crash or a full disk leaves no half shard; the rerun removes the temporary file), after a
 `<prefix>-NNNNNN.json` summary beside it. Corrupt or truncated
 images are skipped, warned about, listed in their shard's summary, and totalled in the printed line and
-the returned summary. Reading the shards is `train.image_data`'s job.
+the returned summary. Reading the shards is `train.image_shards`' job.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 
 from engram_vision.config import ModelConfig
-from train.image_data import ImageFolderDataModule, ImageShardsDataModule, shard_urls
+from train.image_data import ImageFolderDataModule
+from train.image_shards import ImageShardsDataModule, shard_urls
 from train.image_views import ViewsDataset
 from train.lit_ar import LitAR
 from train.token_data import TokenShardsDataModule, read_token_set
@@ -338,7 +339,7 @@ def test_shard_patterns_matching_nothing_name_the_pattern(tmp_path: Path) -> Non
 def test_fewer_image_shards_than_ranks_and_workers(odd_shard: Path, caplog) -> None:
     dm = ImageShardsDataModule(str(odd_shard), val_shards=str(odd_shard), image_size=S, batch_size=8,
                                num_workers=3, num_classes=2, flip=False, train_crop="center")  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="train.image_data"):
+    with caplog.at_level(logging.WARNING, logger="train.image_shards"):
         loader = dm.val_dataloader()
     assert loader.num_workers == 1  # fallback: one worker per shard
     assert "1 shard(s) for 1 rank(s) x 3 workers; starting 1 worker(s)" in caplog.text

@@ -20,12 +20,8 @@ from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 
 from train.digits import NUM_CLASSES, digits_split, digits_split_indices, load_digits_rgb
-from train.image_data import (
-    CorruptImageWarning,
-    DigitsDataModule,
-    ImageFolderDataModule,
-    ImageShardsDataModule,
-)
+from train.image_data import CorruptImageWarning, DigitsDataModule, ImageFolderDataModule
+from train.image_shards import ImageShardsDataModule
 from train.transforms import (
     ImageTransformConfig,
     center_crop_arr,

@@ -26,7 +26,8 @@ from tokenizers_vq import VQModel, vq_config
 from tokenizers_vq.checkpoint import file_sha256, load_tokenizer, save_vq
 from train.digits import digits_split
 from train.extract_tokens import extract_tokens, main
-from train.image_data import DigitsDataModule, ImageFolderDataModule, ImageShardsDataModule
+from train.image_data import DigitsDataModule, ImageFolderDataModule
+from train.image_shards import ImageShardsDataModule
 from train.image_views import DigitsViews
 from train.token_data import TokenShardsDataModule
 from train.transforms import CorruptImageWarning, center_crop_arr
