@@ -2,10 +2,10 @@
 
 Covers `train.transforms` (8-bit RGB conversion), the ImageFolder and image-shard DataModules and their
 token-extraction views (`train.image_data`, `train.image_views`), the shard writer (`train.write_shards`),
-token extraction (`train.extract_tokens`) and token shards (`train.token_data`, also against `LitAR`).
-Grayscale, CMYK and 16-bit images must come out as the right 8-bit RGB pixels; truncated or corrupt files
-are skipped and counted where the user sees it; labels out of range, a pattern matching no shard, too few
-shards for the ranks, and token shards that do not fit the model are errors naming the values. CPU only;
+and token extraction (`train.extract_tokens`); token shards and checkpoints that do not fit the model are
+`test_bad_token_data.py`. Grayscale, CMYK and 16-bit images must come out as the right 8-bit RGB pixels;
+truncated or corrupt files are skipped and counted where the user sees it; labels out of range, a pattern
+matching no shard and too few shards for the ranks are errors naming the values. CPU only;
 every image is 16x16 and made here, so a centre crop to 16 is the identity and pixel values are exact.
 """
 
@@ -18,19 +18,17 @@ import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from PIL import Image
+from token_shard_factory import constant_codes, token_shards
 
-from engram_vision.config import ModelConfig
 from train.image_data import ImageFolderDataModule
 from train.image_shards import ImageShardsDataModule, shard_urls
 from train.image_views import ViewsDataset
-from train.lit_ar import LitAR
 from train.token_data import TokenShardsDataModule, read_token_set
 from train.transforms import UNREADABLE_IMAGE_ERRORS, CorruptImageWarning, LabelError, open_rgb, pil_to_signed
 from train.write_shards import write_shards
@@ -242,78 +240,6 @@ def test_class_lists_of_the_splits_must_agree(odd_tree: Path, tmp_path: Path) ->
         shards.val_dataloader()
 
 
-# ------------------------------------------------------------------------------------------ token shards
-def _token_shards(
-    folder: Path,
-    codes: list[np.ndarray],
-    labels: list[int],
-    codebook: int = 16,
-    num_classes: int = 4,
-    grid: tuple[int, int] = (4, 4),
-) -> Path:
-    """Token shards as `train.extract_tokens` writes them: one tar (key = index) and meta.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(folder / "tok-000000.tar"), encoder=False) as sink:
-        for index, (tokens, label) in enumerate(zip(codes, labels, strict=True)):
-            buffer = io.BytesIO()
-            np.save(buffer, tokens.astype(np.int16), allow_pickle=False)
-            sink.write(
-                {"__key__": f"{index:09d}", "tokens.npy": buffer.getvalue(), "cls": str(label).encode()}
-            )
-    meta = {"format": "engram-vision-tokens", "codebook_size": codebook, "num_classes": num_classes,
-            "grid": list(grid), "num_samples": len(codes), "num_views": 1, "dtype": "int16",
-            "shards": [{"name": "tok-000000.tar", "first_index": 0, "num_samples": len(codes)}]}  # fmt: skip
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
-
-
-def _codes(n: int, grid: tuple[int, int] = (4, 4)) -> list[np.ndarray]:
-    return [np.full((1, *grid), i % 16) for i in range(n)]
-
-
-def test_token_shard_label_and_grid_errors_name_sample_and_values(tmp_path: Path) -> None:
-    bad_label = _token_shards(tmp_path / "label", _codes(4), [0, 1, 4, 2])
-    dm = TokenShardsDataModule(str(bad_label), batch_size=2, num_workers=0, resampled=False, shuffle_buffer=0)
-    with pytest.raises(ValueError, match=r"tok-000000.tar:000000002: label 4 is outside \[0, 4\)"):
-        list(dm.train_dataloader())
-    with pytest.raises(ValueError, match=r"label 4 is outside \[0, 4\)"):
-        read_token_set(str(bad_label))
-    bad_grid = _token_shards(tmp_path / "grid", [*_codes(1), *_codes(1, (2, 8))], [0, 1])
-    with pytest.raises(
-        ValueError, match=r"000000001: expected integer codes \[V,4,4\], got int16 \(1, 2, 8\)"
-    ):
-        read_token_set(str(bad_grid))
-
-
-def test_token_shards_that_do_not_fit_the_model_stop_litar(tmp_path: Path) -> None:
-    data = TokenShardsDataModule(str(_token_shards(tmp_path, _codes(8), [0, 1, 2, 3] * 2)), batch_size=4,
-                                 num_workers=0)  # fmt: skip
-    base = dict(dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=16, num_classes=4, block_size=16)
-    cases = [
-        ({"vocab_size": 32}, "model.vocab_size=32 does not match the token data's vocab_size=16"),
-        ({"block_size": 64}, r"model.grid=\(8, 8\) does not match the token data's grid=\(4, 4\)"),
-        ({"num_classes": 10}, "model.num_classes=10 does not match the token data's num_classes=4"),
-    ]
-    for change, match in cases:
-        trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
-        with pytest.raises(ValueError, match=match):
-            trainer.fit(LitAR(ModelConfig(**{**base, **change})), data)
-    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
-    trainer.fit(LitAR(ModelConfig(**base)), data)  # the matching model trains
-    assert trainer.state.finished
-
-
-def test_token_stream_with_fewer_shards_than_workers_reads_every_sample_once(tmp_path: Path) -> None:
-    # The documented fallback: 1 shard < 2 workers, so the workers split its samples instead of shards.
-    folder = _token_shards(tmp_path, _codes(8), [0, 1, 2, 3] * 2)
-    dm = TokenShardsDataModule(str(folder), batch_size=2, num_workers=2, resampled=False, shuffle_buffer=0,
-                               batches_per_epoch=4)  # fmt: skip
-    tokens = torch.cat([batch[0] for batch in dm.train_dataloader()])
-    assert sorted(tokens[:, 0].tolist()) == list(range(8))
-
-
 # ------------------------------------------------------------------------------------ shard lists, ranks
 def test_shard_patterns_matching_nothing_name_the_pattern(tmp_path: Path) -> None:
     for k in (1, 0):
@@ -330,7 +256,7 @@ def test_shard_patterns_matching_nothing_name_the_pattern(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError, match=r"y-\*.tar' matches no files"):
         dm.train_dataloader()
     (tmp_path / "tokens").mkdir()
-    _token_shards(tmp_path / "tokens", _codes(2), [0, 1])
+    token_shards(tmp_path / "tokens", constant_codes(2), [0, 1])
     tokens = TokenShardsDataModule(str(tmp_path / "tokens" / "nothing-*.tar"), num_workers=0)
     with pytest.raises(FileNotFoundError, match=r"nothing-\*.tar' matches no files"):
         tokens.train_dataloader()
@@ -376,17 +302,6 @@ class _BadLabelData(LightningDataModule):
         return _BadLabelViews()
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers_vq import VQModel, vq_config
-    from tokenizers_vq.checkpoint import save_vq
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok")
-    save_vq(VQModel(vq_config("vq-tiny")), path)
-    return path
-
-
 def test_extract_tokens_converts_modes_counts_skipped_and_checks_labels(
     odd_tree: Path, tok: Path, tmp_path: Path, capsys
 ) -> None:
@@ -408,27 +323,3 @@ def test_extract_tokens_converts_modes_counts_skipped_and_checks_labels(
     assert torch.equal(tokens[:3], codes) and labels.tolist() == [0, 0, 0, 1]
     with pytest.raises(ValueError, match=r"image 1 \(blank-1.png\): label 10 is outside \[0, 10\)"):
         extract_tokens(str(tok), _BadLabelData(), str(tmp_path / "bad"), views="center", **cpu)
-
-
-def test_resume_from_a_checkpoint_of_another_architecture_names_fields_and_keys(tmp_path: Path) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from engram_vision.config import EngramConfig
-
-    data = TokenShardsDataModule(str(_token_shards(tmp_path, _codes(8), [0, 1, 2, 3] * 2)), batch_size=4,
-                                 num_workers=0)  # fmt: skip
-    base = dict(dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=16, num_classes=4, block_size=16)
-
-    def fit(config: ModelConfig, ckpt_path: str | None = None) -> None:
-        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, limit_val_batches=0,
-                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
-        trainer.fit(LitAR(config), data, ckpt_path=ckpt_path, weights_only=True)
-
-    fit(ModelConfig(**base))
-    last = str(tmp_path / "ckpt" / "last.ckpt")
-    with pytest.raises(ValueError, match=r"(?s)model\.dim: checkpoint 32, this run 64.*wrong shape: model\."):
-        fit(ModelConfig(**{**base, "dim": 64}), last)
-    engram = EngramConfig(layers=(1,), heads_per_order=2, head_dim=8, rows_per_head=31)
-    with pytest.raises(ValueError, match=r"(?s)model\.engram: checkpoint None.*missing: model\.layers\.1\.engram\."):
-        fit(ModelConfig(**base, engram=engram), last)

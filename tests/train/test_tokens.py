@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch import Callback
 from PIL import Image
 
-from tokenizers_vq import VQModel, vq_config
-from tokenizers_vq.checkpoint import file_sha256, load_tokenizer, save_vq
+from tokenizers_vq import vq_config
+from tokenizers_vq.checkpoint import file_sha256, load_tokenizer
 from train.digits import digits_split
 from train.extract_tokens import extract_tokens, main
 from train.image_data import DigitsDataModule, ImageFolderDataModule
@@ -44,14 +44,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok")
-    save_vq(VQModel(vq_config("vq-tiny")), path)
-    return path
 
 
 @pytest.fixture(scope="module")
