@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engram_vision.config import EngramConfig, neighbor_offset
 
@@ -171,29 +172,25 @@ def _build_slot_table(grid: tuple[int, int], orders: tuple[tuple, ...], mode: st
     return table
 
 
-_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_LAYOUTS: dict[tuple, torch.Tensor] = {}
 
 
-def _slot_layout(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot table [cells, orders, max_slots], which slots are real [orders, max_slots]) on `device`, built
-    once per layout and device (not per decode step)."""
+def _slot_layout(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str, device: torch.device) -> torch.Tensor:
+    """The slot table [cells, orders, max_slots] on `device`, built once per layout and device (not per
+    decode step)."""
     key = (grid, orders, mode, str(device))
     if key not in _LAYOUTS:
-        width = max(len(order) for order in orders)
-        valid = torch.tensor([[j < len(order) for j in range(width)] for order in orders])
-        _LAYOUTS[key] = (_build_slot_table(grid, orders, mode).to(device), valid.to(device))
+        _LAYOUTS[key] = _build_slot_table(grid, orders, mode).to(device)
     return _LAYOUTS[key]
 
 
 def _gather_slots(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
                   orders: tuple[tuple, ...], mode: str, pad_id: int) -> torch.Tensor:
-    """Tokens at every neighbour slot: int64 [B, P, orders, max_slots] (pad_id outside the image)."""
-    _check_positions(history, positions, grid)
-    table, _ = _slot_layout(grid, orders, mode, history.device)
+    """Tokens at every neighbour slot: int64 [B, P, orders, max_slots] (pad_id outside the image); the
+    caller validates `positions` (`_check_positions`)."""
+    table = _slot_layout(grid, orders, mode, history.device)
     # A leading pad column turns "outside" into an ordinary read and also serves an empty history.
-    pad = torch.full((history.shape[0], 1), pad_id, dtype=torch.int64, device=history.device)
-    padded = torch.cat([pad, history.long()], dim=1)  # [B,N+1]
+    padded = F.pad(history.long(), (1, 0), value=pad_id)  # [B,N+1]
     return padded[:, table[positions.to(history.device).long()]]
 
 
@@ -206,6 +203,7 @@ def neighbor_ids(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int
     per neighbour in `2d` mode, k >= 1 (index p - k, crossing row ends) in `raster` mode.
     Returns int64 [B,P,n]: the token at each neighbour, `pad_id` where it lies outside the image.
     """
+    _check_positions(history, positions, grid)
     return _gather_slots(history, positions, grid, (tuple(offsets),), mode, pad_id)[:, :, 0]
 
 
@@ -224,16 +222,55 @@ def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: tor
                             params.primes[None], params.offsets[None], pad_id, code_map)[0]
 
 
+@dataclass(frozen=True, eq=False)
+class MixConstants:
+    """The hash constants of L layers laid out for broadcasting against gathered ids [B,P,orders,slots]:
+    built once (`mix_constants`; the model keeps them as buffers), not on every decode step."""
+
+    slot_multipliers: torch.Tensor
+    """int64 [L,1,1,orders,max_slots]: multiplier j for slot j of every order, 0 for padding slots."""
+    label_multipliers: torch.Tensor
+    """int64 [L,1]: the class label's multiplier."""
+    primes: torch.Tensor
+    """int64 [L,1,1,orders,heads_per_order]."""
+    offsets: torch.Tensor
+    """int64 [L,1,1,orders,heads_per_order]: first row of each head in its layer's table."""
+
+
+def mix_constants(config: EngramConfig, multipliers: torch.Tensor, primes: torch.Tensor,
+                  offsets: torch.Tensor) -> MixConstants:
+    """`MixConstants` from the layers' stacked multipliers [L, max_slots + 1], primes and offsets [L, heads]."""
+    width = max(len(order) for order in config.neighborhoods)
+    valid = torch.tensor([[j < len(order) for j in range(width)] for order in config.neighborhoods],
+                         device=multipliers.device)
+    layers, grouped = multipliers.shape[0], (config.num_orders, config.heads_per_order)
+    return MixConstants(slot_multipliers=(multipliers[:, None, None, None, :width] * valid),
+                        label_multipliers=multipliers[:, -1:].clone(),
+                        primes=primes.reshape(layers, 1, 1, *grouped).clone(),
+                        offsets=offsets.reshape(layers, 1, 1, *grouped).clone())
+
+
 def hash_rows_layers(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
                      grid: tuple[int, int], config: EngramConfig, multipliers: torch.Tensor,
                      primes: torch.Tensor, offsets: torch.Tensor, pad_id: int,
                      code_map: torch.Tensor | None = None) -> torch.Tensor:
     """`hash_rows` of L layers at once: int64 [L,B,P,num_heads] from the layers' stacked constants
-    (multipliers [L, max_slots + 1], primes and offsets [L, num_heads]).
+    (multipliers [L, max_slots + 1], primes and offsets [L, num_heads]); see `hash_rows_mixed`."""
+    device = tokens_history.device
+    constants = mix_constants(config, multipliers.to(device), primes.to(device), offsets.to(device))
+    return hash_rows_mixed(tokens_history, positions, labels, grid, config, constants, pad_id, code_map)
+
+
+def hash_rows_mixed(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
+                    grid: tuple[int, int], config: EngramConfig, constants: MixConstants, pad_id: int,
+                    code_map: torch.Tensor | None = None, check_positions: bool = True) -> torch.Tensor:
+    """`hash_rows_layers` with the constants already laid out (`mix_constants`, on the tokens' device).
 
     Every layer hashes the same neighbourhood, so a forward needs one gather of every neighbour slot of
     every order; then one multiply by all layers' multipliers, an XOR over the few slots (shorter orders
-    are padded with multiplier 0, and x ^ 0 = x) and one modulus per head.
+    are padded with multiplier 0, and x ^ 0 = x) and one modulus by every head's prime. A handful of ops
+    whatever the number of layers: at a decode step their count, not their size, is the cost.
+    check_positions=False skips validating `positions` (callers that built them from a checked length).
     """
     if (code_map is None) != (config.code_map is None):
         raise ValueError(f"hash_rows: config.code_map={config.code_map} needs a code_map tensor exactly when "
@@ -241,25 +278,23 @@ def hash_rows_layers(tokens_history: torch.Tensor, positions: torch.Tensor, labe
                          f"multiplier bound")
     device = tokens_history.device
     orders = tuple(tuple(neighbor_offset(spec, config.mode) for spec in order) for order in config.neighborhoods)
+    if check_positions:
+        _check_positions(tokens_history, positions, grid)
     ids = _gather_slots(tokens_history, positions, grid, orders, config.mode, pad_id)  # [B,P,O,S]
     if code_map is not None:
         ids = code_map.to(device)[ids]
-    _, valid = _slot_layout(grid, orders, config.mode, device)
-    multipliers = multipliers.to(device)
-    # Slot j of every order uses multiplier j; padding slots get 0. [L,1,1,O,S] against ids [B,P,O,S].
-    slot_multipliers = multipliers[:, None, None, None, :valid.shape[1]] * valid
-    products = ids * slot_multipliers  # [L,B,P,O,S]
+    products = ids * constants.slot_multipliers  # [L,B,P,O,S]
     mix = products[..., 0]
     for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
         mix = mix ^ products[..., slot]
     if config.hash_label:
         if labels is None:
             raise ValueError("hash_rows: config.hash_label is set but labels is None")
-        label_terms = labels.to(device).long()[None, :] * multipliers[:, -1:]  # [L,B]
+        label_terms = labels.to(device).long()[None, :] * constants.label_multipliers  # [L,B]
         mix = mix ^ label_terms[:, :, None, None]
     # The products are non-negative and below 2**63, so the XOR is too and `%` is the plain modulus.
-    mix = mix.repeat_interleave(config.heads_per_order, dim=-1)  # [L,B,P,num_heads]
-    return mix % primes.to(device)[:, None, None] + offsets.to(device)[:, None, None]
+    # [L,B,P,O,1] against [L,1,1,O,heads_per_order]: heads order-major, as the table is laid out.
+    return (mix[..., None] % constants.primes + constants.offsets).flatten(-2)
 
 
-__all__ = ["HashParams", "hash_rows", "hash_rows_layers", "hashable_id_bound", "make_hash_params", "neighbor_ids"]
+__all__ = ["HashParams", "MixConstants", "hash_rows", "hash_rows_layers", "hash_rows_mixed", "mix_constants", "hashable_id_bound", "make_hash_params", "neighbor_ids"]

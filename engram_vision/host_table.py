@@ -6,8 +6,8 @@ side stream), then the blocks before the Engram layer are queued; when the layer
 the rows from the table into pinned memory and copies them to the GPU on the side stream while the GPU
 is still busy with the earlier blocks (DESIGN.md section 7). The table itself never occupies GPU memory.
 
-Training works too: the backward scatters the rows' gradient into a host gradient of the table (dense,
-like nn.Embedding's), so the optimizer updates the table on the host. Model code: `engram.py` (which
+Training works too: the backward adds the rows' gradient into the table's host gradient (dense, like
+nn.Embedding's, and kept across steps: `table.EngramTable`), so the optimizer updates the table on the host. Model code: `engram.py` (which
 table a layer uses), `model.py` (when fetches start). Not compilable: the lookup synchronises with the
 host by design.
 """
@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from engram_vision.table import EngramTable
 
 
 @dataclass
@@ -47,7 +49,8 @@ class _HostLookup(torch.autograd.Function):
     to the host weight."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, fetch: RowFetch) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, fetch: RowFetch, table: HostTable) -> Tensor:  # type: ignore[override]
+        ctx.table = table
         if fetch.ready is not None:
             fetch.ready.synchronize()  # the ids have reached the host (queued long before: this rarely waits)
         flat = fetch.host_ids.reshape(-1)
@@ -66,16 +69,16 @@ class _HostLookup(torch.autograd.Function):
         return rows.view(*fetch.host_ids.shape, weight.shape[1])
 
     @staticmethod
-    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         (flat,) = ctx.saved_tensors
         grad_host = grad_rows.reshape(-1, ctx.weight_shape[1]).to("cpu", ctx.weight_dtype)
-        grad = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype).index_add_(0, flat, grad_host)
-        return grad, None
+        # Autograd adds the rows into the table's dense host gradient, kept across steps (EngramTable).
+        return ctx.table.sparse_grad(flat, grad_host), None, None
 
 
-class HostTable(nn.Embedding):
+class HostTable(EngramTable):
     """nn.Embedding whose weight stays on the host when the module is moved to an accelerator.
 
     `module.to("cuda")` changes the weight's dtype if asked but not its device; moving to a GPU pins it.
@@ -111,4 +114,4 @@ class HostTable(nn.Embedding):
     def forward(self, ids: Tensor | RowFetch) -> Tensor:
         """Rows [*ids.shape, dim] on the ids' device, from a `fetch` started earlier (or ids directly)."""
         fetch = ids if isinstance(ids, RowFetch) else self.fetch(ids)
-        return _HostLookup.apply(self.weight, fetch)
+        return _HostLookup.apply(self.weight, fetch, self)

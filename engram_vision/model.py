@@ -15,7 +15,7 @@ from engram_vision.attention import Attention
 from engram_vision.cache import DecodeState
 from engram_vision.config import ModelConfig
 from engram_vision.engram import EngramMemory
-from engram_vision.hashing import hash_rows_layers, make_hash_params
+from engram_vision.hashing import MixConstants, hash_rows_mixed, make_hash_params, mix_constants
 from engram_vision.layers import FeedForward, LabelEmbedder, RMSNorm, rope_2d_table
 
 
@@ -65,6 +65,10 @@ class EngramGPT(nn.Module):
             self.register_buffer("code_map", code_map)
         else:
             self.code_map = None
+        if engram is not None:
+            self.refresh_hash_constants()
+            # Loading replaces the layers' multipliers and primes: lay them out again afterwards.
+            self.register_load_state_dict_post_hook(_refresh_after_load)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,14 +98,25 @@ class EngramGPT(nn.Module):
     def engram_layers(self) -> list[EngramMemory]:
         return [block.engram for block in self.layers if block.engram is not None]
 
-    def engram_rows(self, history: Tensor, positions: Tensor, labels: Tensor) -> Tensor:
-        """Table rows of every Engram layer, int64 [layers, B, P, heads], hashed together on the tokens'
-        device (the neighbourhood gather is shared; only multipliers and primes differ per layer)."""
+    @torch.no_grad()
+    def refresh_hash_constants(self) -> None:
+        """Lay the Engram layers' hash constants (their checkpointed buffers) out for `engram_rows` once, as
+        non-persistent buffers, instead of stacking them on every decode step. Runs at construction and
+        after `load_state_dict`; call it after changing a layer's multipliers or primes by hand."""
         memories = self.engram_layers()
         stacked = [torch.stack([getattr(memory, name) for memory in memories])
                    for name in ("multipliers", "primes", "offsets")]
-        return hash_rows_layers(history, positions, labels, self.config.token_grid, self.config.engram, *stacked,
-                                pad_id=self.config.vocab_size, code_map=self.code_map)
+        for name, value in vars(mix_constants(self.config.engram, *stacked)).items():
+            self.register_buffer(f"hash_{name}", value, persistent=False)
+
+    def engram_rows(self, history: Tensor, positions: Tensor, labels: Tensor) -> Tensor:
+        """Table rows of every Engram layer, int64 [layers, B, P, heads], hashed together on the tokens'
+        device (the neighbourhood gather is shared; only multipliers and primes differ per layer).
+        positions: built by `forward` from a checked length, so not validated again here."""
+        constants = MixConstants(self.hash_slot_multipliers, self.hash_label_multipliers, self.hash_primes,
+                                 self.hash_offsets)
+        return hash_rows_mixed(history, positions, labels, self.config.token_grid, self.config.engram, constants,
+                               pad_id=self.config.vocab_size, code_map=self.code_map, check_positions=False)
 
     def _check_inputs(self, tokens: Tensor, labels: Tensor) -> None:
         c = self.config
@@ -180,3 +195,8 @@ class EngramGPT(nn.Module):
             state.position.add_(length)
             state.started = True
         return self.output(self.norm(h)).float()
+
+
+def _refresh_after_load(model: EngramGPT, incompatible_keys: object) -> None:
+    """Load hook (a module-level function, so the model stays picklable): re-lay the hash constants."""
+    model.refresh_hash_constants()
