@@ -1,9 +1,9 @@
 """`LitAR`: Lightning training of the AR prior (`engram_vision.EngramGPT`) on token batches.
 
 Cross-entropy over all image tokens; AdamW over `engram_vision.param_groups` (Engram tables apart, lr x 5,
-no weight decay, absent when frozen); constant or warmup + cosine schedule; logs loss, bits per token,
-tokens/s and, per Engram layer, the mean and spread of the gate; `flops_per_batch` is what
-`train.throughput.TokenThroughput` turns into FLOP/s and MFU. Gradient clipping and precision are
+no weight decay, absent when frozen); constant or warmup + cosine schedule; logs loss, bits per token
+and, per Engram layer, the mean and spread of the gate; `flops_per_batch` is what the configs' callback
+`train.throughput.TokenThroughput` turns into tokens/s, FLOP/s and MFU. Gradient clipping and precision are
 Trainer settings; EMA is Lightning's `EMAWeightAveraging` callback (its weights are what checkpoints hold
 and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/token_data.py`.
 A non-finite loss stops training with an error naming the step and batch before any checkpoint is written
@@ -13,7 +13,6 @@ from the broken weights (`train.finite_guard`).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from typing import Literal
 
@@ -80,7 +79,6 @@ class LitAR(GuardedCheckpoints, L.LightningModule):
         self._gate_values: dict[int, Tensor] = {}
         for memory in self.model.engram_layers():
             memory.gate_probe.register_forward_hook(self._record_gate(memory.layer_id))
-        self._last_step_time: float | None = None
         self._last_batch_tokens = 0
         self._loss_guard = LossGuard()
 
@@ -138,10 +136,6 @@ class LitAR(GuardedCheckpoints, L.LightningModule):
         self._loss_guard.record({"global step": self.global_step, "batch": batch_idx, "epoch": self.current_epoch},
                                 loss=loss)
         self._last_batch_tokens = tokens.numel()
-        now = time.perf_counter()
-        if self._last_step_time is not None:  # steady-state throughput: tokens per wall second between steps
-            self.log("train/tokens_per_s", tokens.numel() / (now - self._last_step_time))
-        self._last_step_time = now
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bits_per_token", loss.detach() / math.log(2))
         for layer, gate in self._gate_values.items():

@@ -54,7 +54,6 @@ def test_fast_dev_run_learns_and_logs(engram):
     metrics = trainer.callback_metrics
     # tokens are 70% label-determined: well below the uniform log2(16) = 4 bits after 40 steps
     assert float(metrics["val/bits_per_token"]) < 3.5
-    assert float(metrics["train/tokens_per_s"]) > 0
     if engram is not None:
         assert 0 < float(metrics["gate/layer1_mean"]) < 1 and float(metrics["gate/layer1_std"]) >= 0
     else:
