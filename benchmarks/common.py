@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: the Engram presets, an Engram model and the same backbone without
-Engram (identical weights elsewhere), one training step, one generated batch, a timer that synchronises on
-CUDA, and a description of the machine for the JSON.
+Engram (identical weights elsewhere), one training step, one generated batch, timers that synchronise on CUDA
+(`time_paired` alternates variants and compares them round by round), and a description of the machine
+for the JSON.
 
 The scripts import this as `common` (run them as `python benchmarks/<name>.py`, which puts this folder on
 the path); it prints nothing and measures nothing itself. Models are `engram_vision`, sampling `sample`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -125,25 +127,55 @@ def time_call(fn: Callable[[], object], repeats: int, device: str, warmup: int =
     return (time.perf_counter() - start) / repeats
 
 
+@dataclasses.dataclass
+class PairedTimes:
+    """Seconds of every call of each variant, round by round (round r called every variant once)."""
+
+    rounds: dict[str, list[float]]
+
+    def best(self) -> dict[str, float]:
+        """The fastest call of each variant: the least disturbed estimate of its own time (as `timeit`)."""
+        return {name: min(times) for name, times in self.rounds.items()}
+
+    def ratio(self, numerator: str, denominator: str) -> dict[str, float]:
+        """t_numerator / t_denominator from calls made next to each other: the median over rounds of the
+        round's ratio, with the lowest and highest round as the interval. The machine's speed drifts by tens
+        of percent over minutes on shared hosts; a ratio within one round cancels the drift, a ratio of two
+        minima taken at different moments does not."""
+        per_round = sorted(a / b for a, b in zip(self.rounds[numerator], self.rounds[denominator], strict=True))
+        return {"median": statistics.median(per_round), "low": per_round[0], "high": per_round[-1]}
+
+
 def time_paired(fns: dict[str, Callable[[], object]], repeats: int, device: str,
-                warmup: int = 1) -> dict[str, float]:
-    """Seconds per call of each of `fns`, timed in alternation (round r calls every fn once) and reported
-    as the fastest call of each: other load on the machine then slows every variant alike instead of one,
-    and the minimum is the least disturbed estimate (as `timeit` recommends)."""
+                warmup: int = 1) -> PairedTimes:
+    """Every call of each of `fns`, timed in alternation (round r calls every fn once, in an order that
+    rotates between rounds so no variant always runs first): other load on the machine then slows every
+    variant alike instead of one. `PairedTimes.ratio` compares two of them, `.best` gives each one's time."""
     if repeats < 1:
         raise ValueError(f"time_paired: repeats must be >= 1, got {repeats}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            rounds[name].append(time.perf_counter() - start)
+    return PairedTimes(rounds)
+
+
+def overhead(timed: PairedTimes, variant: str, baseline: str) -> dict[str, float]:
+    """t_variant / t_baseline - 1 (median over rounds, with the round interval), rounded for the JSON."""
+    return {k: round(v - 1, 3) for k, v in timed.ratio(variant, baseline).items()}
+
+
+def speedup(timed: PairedTimes, slow: str, fast: str) -> dict[str, float]:
+    """t_slow / t_fast (median over rounds, with the round interval), rounded for the JSON."""
+    return {k: round(v, 3) for k, v in timed.ratio(slow, fast).items()}
 
 
 def machine_info(device: str) -> dict[str, object]:

@@ -2,8 +2,9 @@
 eager and compiled) vs recomputing the full forward for every token, and the Engram model vs the same
 backbone without Engram.
 
-Prints JSON: seconds per generated batch for each, and the ratios (speed-up of the cache, Engram's
-overhead). Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
+Prints JSON: seconds per generated batch for each (fastest call), and the ratios: Engram's overhead and
+the compile speed-up as the median over alternating rounds with the rounds' [low, high] (`common.PairedTimes`),
+the cache's speed-up over full recompute (timed apart: it is slow) from the fastest calls. Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
 pass --size / --device / --engram for others (e.g. --size gpt-b --engram study --device cuda --batch 64
 --compile for the GPU figures in BENCHMARKS.md).
     python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--device cpu] [--batch 4] [--compile]
@@ -20,8 +21,10 @@ from common import (
     generate_fn,
     machine_info,
     model_pair,
+    overhead,
     parse_args,
     rounded,
+    speedup,
     time_call,
     time_paired,
 )
@@ -59,21 +62,21 @@ def main() -> None:
     def run(net: EngramGPT, compile: bool = False):
         return generate_fn(net, args.batch, args.cfg_scale, args.device, compile=compile)
 
-    seconds = time_paired({"cached": run(model), "cached_backbone": run(backbone)}, args.repeats, args.device)
+    variants = {"cached": run(model), "cached_backbone": run(backbone)}
     if args.compile:
-        seconds.update(time_paired({"compiled": run(model, True), "compiled_backbone": run(backbone, True)},
-                                   args.repeats, args.device))
+        variants.update(compiled=run(model, True), compiled_backbone=run(backbone, True))
+    timed = time_paired(variants, args.repeats, args.device)
+    seconds = timed.best()
+    ratios = {"engram_overhead_cached": overhead(timed, "cached", "cached_backbone")}
+    if args.compile:
+        ratios["engram_overhead_compiled"] = overhead(timed, "compiled", "compiled_backbone")
+        ratios["compile_speedup"] = speedup(timed, "cached", "compiled")
     if not args.skip_recompute:
         labels = torch.arange(args.batch, device=args.device) % config.num_classes
         seconds["full_recompute"] = time_call(
             lambda: generate_without_cache(model, labels, sampling, torch.Generator(args.device).manual_seed(0)),
             args.repeats, args.device)
-    ratios = {"engram_overhead_cached": seconds["cached"] / seconds["cached_backbone"] - 1}
-    if "full_recompute" in seconds:
-        ratios["cache_speedup"] = seconds["full_recompute"] / seconds["cached"]
-    if args.compile:
-        ratios["compile_speedup"] = seconds["cached"] / seconds["compiled"]
-        ratios["engram_overhead_compiled"] = seconds["compiled"] / seconds["compiled_backbone"] - 1
+        ratios["cache_speedup"] = round(seconds["full_recompute"] / seconds["cached"], 2)
     rows = args.batch * (2 if sampling.uses_cfg else 1)
     print(json.dumps({
         "benchmark": "decode", "size": args.size, "engram": args.engram,
@@ -82,7 +85,7 @@ def main() -> None:
         "dtype": args.dtype, **machine_info(args.device),
         "seconds_per_batch": rounded(seconds, 4),
         "images_per_s": {k: round(args.batch / v, 2) for k, v in seconds.items()},
-        "ratios": rounded(ratios, 3)}))
+        "ratios": ratios}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ tokens) and a decode step (--decode-rows rows, one position, a full-length histo
 the constants come from `make_hash_params` with the preset's EngramConfig (default the GPT-B study's two
 layers), vocabulary 16384 and 1000 classes (ImageNet with the VQ-16 tokenizer).
 Prints JSON: seconds per call, ids per second (ids = rows x positions x heads x layers) and the speed-up of
-the stacked call over the loop for each shape.
+the stacked call over the loop for each shape (median over alternating rounds, with the rounds' [low, high]).
     python benchmarks/hashing.py [--grid 16] [--batch 8] [--decode-rows 128] [--engram study] [--device cpu]
         [--repeats 20]
 """
@@ -19,7 +19,7 @@ import argparse
 import json
 
 import torch
-from common import add_args, engram_preset, machine_info, parse_args, rounded, time_paired
+from common import add_args, engram_preset, machine_info, parse_args, speedup, time_paired
 
 from engram_vision.hashing import hash_rows, hash_rows_layers, make_hash_params
 
@@ -56,11 +56,12 @@ def main() -> None:
         if not all(torch.equal(together[i], ids) for i, ids in enumerate(separate)):
             raise AssertionError(f"{name}: hash_rows_layers and per-layer hash_rows give different ids")
         counts[name] = together.numel()  # layers x rows x positions x heads
-        seconds.update(time_paired({f"{name}_stacked": stacked_call, f"{name}_loop": loop_call}, args.repeats,
-                                   args.device))
+        timed = time_paired({f"{name}_stacked": stacked_call, f"{name}_loop": loop_call}, args.repeats,
+                            args.device)
+        seconds.update(timed.best())
         for variant in ("stacked", "loop"):
             ids_per_s[f"{name}_{variant}"] = counts[name] / seconds[f"{name}_{variant}"]
-        ratios[f"{name}_stacked_speedup"] = seconds[f"{name}_loop"] / seconds[f"{name}_stacked"]
+        ratios[f"{name}_stacked_speedup"] = speedup(timed, f"{name}_loop", f"{name}_stacked")
     print(json.dumps({
         "benchmark": "hashing", "engram": args.engram, "layers": list(config.layers),
         "heads_per_layer": config.num_heads, "grid": args.grid, "batch": args.batch,
@@ -68,7 +69,7 @@ def main() -> None:
         "device": args.device, **machine_info(args.device),
         "seconds_per_call": {k: round(v, 7) for k, v in seconds.items()},
         "ids_per_s": {k: round(v) for k, v in ids_per_s.items()},
-        "ratios": rounded(ratios, 3)}))
+        "ratios": ratios}))
 
 
 if __name__ == "__main__":

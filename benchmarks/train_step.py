@@ -6,7 +6,9 @@ Prints JSON: seconds per step, target tokens per second (B x grid**2), model FLO
 `engram_vision.budget.flops_per_token` x tokens: forward plus a backward of twice its cost), MFU against
 --peak-flops or, on CUDA, Lightning's table of the GPU's peak for the dtype, and the ratios
 engram_overhead_eager / engram_overhead_compiled (t_engram / t_backbone - 1) and compile_speedup (Engram
-model, eager over compiled). --dtype bfloat16 is bf16 autocast over fp32 weights (as bf16-mixed training).
+model, eager over compiled), each the median over alternating rounds with the rounds' [low, high]
+(`common.PairedTimes`); seconds are each variant's fastest call. --dtype bfloat16 is bf16 autocast over
+fp32 weights (as bf16-mixed training).
     python benchmarks/train_step.py [--size gpt-small] [--grid 16] [--batch 8] [--engram small]
         [--device cpu] [--dtype float32] [--repeats 3] [--compile] [--peak-flops FLOPS]
 e.g. the GPT-B study on a GPU:
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 
 import torch
 from common import (
@@ -25,8 +28,10 @@ from common import (
     build_config,
     machine_info,
     model_pair,
+    overhead,
     parse_args,
     rounded,
+    speedup,
     time_paired,
     train_step_fn,
 )
@@ -53,31 +58,31 @@ def main() -> None:
     args = parse_args(parser)
     dtype = getattr(torch, args.dtype)
 
-    def time_pair(compile: bool) -> tuple[float, float]:
+    def steps(compile: bool, suffix: str) -> dict[str, Callable[[], None]]:
         # Fresh fp32 copies per mode (autocast supplies bf16), so compiled and eager runs share nothing.
         model, backbone = model_pair(args.size, args.grid, args.engram, args.device, torch.float32,
                                      rows_per_head=args.rows_per_head)
         if compile:
             model.compile()
             backbone.compile()
-        steps = {"engram": train_step_fn(model, args.batch, args.device, dtype),
-                 "backbone": train_step_fn(backbone, args.batch, args.device, dtype)}
-        timed = time_paired(steps, args.repeats, args.device)
-        return timed["engram"], timed["backbone"]
+        return {f"engram{suffix}": train_step_fn(model, args.batch, args.device, dtype),
+                f"backbone{suffix}": train_step_fn(backbone, args.batch, args.device, dtype)}
 
-    seconds = dict(zip(("engram", "backbone"), time_pair(False), strict=True))
+    variants = steps(False, "")
     if args.compile:
-        seconds.update(zip(("engram_compiled", "backbone_compiled"), time_pair(True), strict=True))
+        variants.update(steps(True, "_compiled"))
+    timed = time_paired(variants, args.repeats, args.device)
+    seconds = timed.best()
     config = build_config(args.size, args.grid, args.engram, args.rows_per_head)
     backbone_config = dataclasses.replace(config, engram=None)
     tokens = args.batch * config.block_size
     flops = {"engram": 3 * flops_per_token(config) * tokens, "backbone": 3 * flops_per_token(backbone_config) * tokens}
     peak = peak_flops(args.device, dtype, args.peak_flops)
     mfu = {} if peak is None else {k: flops[k.removesuffix("_compiled")] / v / peak for k, v in seconds.items()}
-    ratios = {"engram_overhead_eager": seconds["engram"] / seconds["backbone"] - 1}
+    ratios = {"engram_overhead_eager": overhead(timed, "engram", "backbone")}
     if args.compile:
-        ratios["engram_overhead_compiled"] = seconds["engram_compiled"] / seconds["backbone_compiled"] - 1
-        ratios["compile_speedup"] = seconds["engram"] / seconds["engram_compiled"]
+        ratios["engram_overhead_compiled"] = overhead(timed, "engram_compiled", "backbone_compiled")
+        ratios["compile_speedup"] = speedup(timed, "engram", "engram_compiled")
     print(json.dumps({
         "benchmark": "train_step", "size": args.size, "engram": args.engram,
         "rows_per_head": config.engram.rows_per_head, "grid": args.grid, "batch": args.batch,
@@ -86,7 +91,7 @@ def main() -> None:
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in seconds.items()},
         "flops_per_step": {k: int(v) for k, v in flops.items()},
         "peak_flops": peak, "mfu": rounded(mfu, 4) if mfu else None,
-        "ratios": rounded(ratios, 3)}))
+        "ratios": ratios}))
 
 
 if __name__ == "__main__":
