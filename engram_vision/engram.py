@@ -73,13 +73,16 @@ class EngramMemory(nn.Module):
         if not isinstance(self.gate, str):
             return h.new_full((*h.shape[:-1], 1), float(self.gate))
         # <RMSNorm_q(h), RMSNorm_k(keys)> / sqrt(dim) without building either normalised tensor: the scales
-        # factor out of the sum, sum(h k g_q g_k) * rsqrt(ms(h) + eps) * rsqrt(ms(keys) + eps) / sqrt(dim),
-        # in float32 (half the ops of two RMSNorms; at a decode step the op count is the cost).
+        # factor out of the sum. With sums of squares s = sum(x^2) and a = eps * dim,
+        #   score = sum(h k g_q g_k) * sqrt(dim) * rsqrt((s_h + a) (s_k + a)),
+        # in float32 from a few dot products (half the calls of two RMSNorms: at a decode step the number
+        # of calls is the cost).
         h32, k32 = h.float(), keys.float()
-        dot = (h32 * k32 * (self.norm_query.weight * self.norm_key.weight)).sum(dim=-1, keepdim=True)
-        square_h = h32.pow(2).mean(dim=-1, keepdim=True) + self.norm_query.eps
-        square_k = k32.pow(2).mean(dim=-1, keepdim=True) + self.norm_key.eps
-        score = dot * torch.rsqrt(square_h * square_k * self.dim)
+        weight = self.norm_query.weight * self.norm_key.weight * self.dim ** 0.5
+        dot = torch.linalg.vecdot(h32 * weight, k32)
+        eps_h, eps_k = self.norm_query.eps * self.dim, self.norm_key.eps * self.dim
+        scale = torch.rsqrt((torch.linalg.vecdot(h32, h32) + eps_h) * (torch.linalg.vecdot(k32, k32) + eps_k))
+        score = (dot * scale)[..., None]
         if self.config.signed_sqrt:
             score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
         return torch.sigmoid(score).to(h.dtype)

@@ -20,6 +20,7 @@ the code map is `code_map.py`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -184,6 +185,12 @@ def _slot_layout(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str, de
     return _LAYOUTS[key]
 
 
+@functools.cache
+def _offsets_of(neighborhoods: tuple[tuple, ...], mode: str) -> tuple[tuple, ...]:
+    """The neighbour offsets of every order (`neighbor_offset`), parsed once per layout, not per step."""
+    return tuple(tuple(neighbor_offset(spec, mode) for spec in order) for order in neighborhoods)
+
+
 def _gather_slots(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
                   orders: tuple[tuple, ...], mode: str, pad_id: int) -> torch.Tensor:
     """Tokens at every neighbour slot: int64 [B, P, orders, max_slots] (pad_id outside the image); the
@@ -277,7 +284,7 @@ def hash_rows_mixed(tokens_history: torch.Tensor, positions: torch.Tensor, label
                          f"set (got {'none' if code_map is None else 'one'}); unmapped ids would break the "
                          f"multiplier bound")
     device = tokens_history.device
-    orders = tuple(tuple(neighbor_offset(spec, config.mode) for spec in order) for order in config.neighborhoods)
+    orders = _offsets_of(config.neighborhoods, config.mode)
     if check_positions:
         _check_positions(tokens_history, positions, grid)
     ids = _gather_slots(tokens_history, positions, grid, orders, config.mode, pad_id)  # [B,P,O,S]
