@@ -2,9 +2,11 @@
 eager and compiled) vs recomputing the full forward for every token, and the Engram model vs the same
 backbone without Engram.
 
-Prints JSON: seconds per generated batch for each (fastest call), and the ratios: Engram's overhead and
-the compile speed-up as the median over alternating rounds with the rounds' [low, high] (`common.PairedTimes`),
-the cache's speed-up over full recompute (timed apart: it is slow) from the fastest calls. Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
+Prints JSON: seconds per generated batch for each (fastest call), and the ratios: the compile speed-up as
+the median over alternating whole generations with the rounds' [low, high] (`common.PairedTimes`); Engram's
+overhead from generations run in lockstep, one decode step of each model after the other (`lockstep_decode`),
+median and [low, high] over rounds; the cache's speed-up over full recompute (timed apart: it is slow) from
+the fastest calls. Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
 pass --size / --device / --engram for others (e.g. --size gpt-b --engram study --device cuda --batch 64
 --compile for the GPU figures in BENCHMARKS.md).
     python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--device cpu] [--batch 4] [--compile]
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from common import (
+    PairedTimes,
     add_args,
     generate_fn,
     machine_info,
@@ -25,11 +29,13 @@ from common import (
     parse_args,
     rounded,
     speedup,
+    synchronize,
     time_call,
     time_paired,
 )
 
 from engram_vision.model import EngramGPT
+from sample.generate import decode_one_token, decode_setup, prefill
 from sample.sampling import SamplingConfig, cfg_mix, sample_next
 
 
@@ -45,6 +51,41 @@ def generate_without_cache(model: EngramGPT, labels: torch.Tensor, sampling: Sam
             logits = cfg_mix(logits, model(tokens, null)[:, -1], sampling.cfg_scale)
         tokens = torch.cat([tokens, sample_next(logits, sampling, rng)[:, None]], dim=1)
     return tokens
+
+
+@torch.no_grad()
+def lockstep_decode(models: dict[str, EngramGPT], compiled: dict[str, bool], batch: int, sampling: SamplingConfig,
+                    device: str, rounds: int, chunk: int = 16) -> PairedTimes:
+    """Decode-step seconds of every variant, generated in lockstep: each round samples one batch with every
+    model, advancing them in turns of `chunk` tokens (variants in an order that rotates per turn) and
+    timing each turn. A round's figure is the sum of its decode steps (the prefill, one forward, is left
+    out). Machine-speed swings slower than a turn hit every variant alike, which whole generations timed
+    one after another cannot promise; a turn of several steps keeps each model's weights in cache as a
+    real generation does (switching model every step would charge each step a cold start)."""
+    labels = torch.arange(batch, device=device) % next(iter(models.values())).config.num_classes
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds + 1):  # round 0 warms up (and compiles)
+        states, forwards, tokens, rngs = {}, {}, {}, {}
+        for name, model in models.items():
+            states[name], forwards[name] = decode_setup(model, labels, sampling, compiled[name])
+            rngs[name] = torch.Generator(device).manual_seed(0)
+            tokens[name] = prefill(model, labels, states[name], sampling, rngs[name], model.config.block_size)
+        spent = dict.fromkeys(names, 0.0)
+        num_steps = next(iter(models.values())).config.block_size
+        for turn, first in enumerate(range(1, num_steps, chunk)):
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                synchronize(device)
+                start = time.perf_counter()
+                for step in range(first, min(first + chunk, num_steps)):
+                    tokens[name] = decode_one_token(models[name], tokens[name], labels, states[name], step,
+                                                    num_steps, sampling, rngs[name], forwards[name])
+                synchronize(device)
+                spent[name] += time.perf_counter() - start
+        if round_index > 0:
+            for name in names:
+                times[name].append(spent[name])
+    return PairedTimes(times)
 
 
 def main() -> None:
@@ -67,10 +108,17 @@ def main() -> None:
         variants.update(compiled=run(model, True), compiled_backbone=run(backbone, True))
     timed = time_paired(variants, args.repeats, args.device)
     seconds = timed.best()
-    ratios = {"engram_overhead_cached": overhead(timed, "cached", "cached_backbone")}
+    ratios: dict[str, object] = {"compile_speedup": speedup(timed, "cached", "compiled")} if args.compile else {}
+    # Engram's overhead from decode steps timed in lockstep (see lockstep_decode), eager and compiled.
+    pairs = {"cached": (model, False), "cached_backbone": (backbone, False)}
     if args.compile:
-        ratios["engram_overhead_compiled"] = overhead(timed, "compiled", "compiled_backbone")
-        ratios["compile_speedup"] = speedup(timed, "cached", "compiled")
+        pairs.update(compiled=(model, True), compiled_backbone=(backbone, True))
+    steps = lockstep_decode({k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()},
+                            args.batch, sampling, args.device, args.repeats)
+    step_seconds = steps.best()
+    ratios["engram_overhead_cached"] = overhead(steps, "cached", "cached_backbone")
+    if args.compile:
+        ratios["engram_overhead_compiled"] = overhead(steps, "compiled", "compiled_backbone")
     if not args.skip_recompute:
         labels = torch.arange(args.batch, device=args.device) % config.num_classes
         seconds["full_recompute"] = time_call(
@@ -84,6 +132,7 @@ def main() -> None:
         "batch": args.batch, "rows_through_model": rows, "cfg_scale": args.cfg_scale, "device": args.device,
         "dtype": args.dtype, **machine_info(args.device),
         "seconds_per_batch": rounded(seconds, 4),
+        "lockstep_decode_step_seconds": rounded(step_seconds, 4),
         "images_per_s": {k: round(args.batch / v, 2) for k, v in seconds.items()},
         "ratios": ratios}))
 

@@ -20,7 +20,6 @@ the code map is `code_map.py`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -185,10 +184,16 @@ def _slot_layout(grid: tuple[int, int], orders: tuple[tuple, ...], mode: str, de
     return _LAYOUTS[key]
 
 
-@functools.cache
+_OFFSETS: dict[tuple, tuple[tuple, ...]] = {}
+
+
 def _offsets_of(neighborhoods: tuple[tuple, ...], mode: str) -> tuple[tuple, ...]:
-    """The neighbour offsets of every order (`neighbor_offset`), parsed once per layout, not per step."""
-    return tuple(tuple(neighbor_offset(spec, mode) for spec in order) for order in neighborhoods)
+    """The neighbour offsets of every order (`neighbor_offset`), parsed once per layout, not per step (a
+    plain dict, like `_LAYOUTS`: torch.compile traces through functools caches without using them)."""
+    key = (neighborhoods, mode)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = tuple(tuple(neighbor_offset(spec, mode) for spec in order) for order in neighborhoods)
+    return _OFFSETS[key]
 
 
 def _gather_slots(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int],
@@ -290,10 +295,10 @@ def hash_rows_mixed(tokens_history: torch.Tensor, positions: torch.Tensor, label
     ids = _gather_slots(tokens_history, positions, grid, orders, config.mode, pad_id)  # [B,P,O,S]
     if code_map is not None:
         ids = code_map.to(device)[ids]
-    products = ids * constants.slot_multipliers  # [L,B,P,O,S]
-    mix = products[..., 0]
-    for slot in range(1, products.shape[-1]):  # XOR-reduce over the few neighbour slots
-        mix = mix ^ products[..., slot]
+    first, *others = (ids * constants.slot_multipliers).unbind(-1)  # S views [L,B,P,O] from one call
+    mix = first
+    for product in others:  # XOR-reduce over the few neighbour slots
+        mix = mix ^ product
     if config.hash_label:
         if labels is None:
             raise ValueError("hash_rows: config.hash_label is set but labels is None")

@@ -76,6 +76,21 @@ def compiled_decoder(model: EngramGPT, device_type: str) -> Callable[..., Tensor
     return torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
 
 
+def decode_setup(model: EngramGPT, labels: Tensor, sampling: SamplingConfig,
+                 compile: bool) -> tuple[DecodeState, Callable[..., Tensor] | None]:
+    """A fresh static state for generating `labels` (2B rows under CFG) and the `forward` that
+    `decode_one_token` should use: None (eager) or `compiled_decoder(model)`."""
+    rows = labels.shape[0] * (2 if sampling.uses_cfg else 1)
+    dtype = next(model.parameters()).dtype
+    state = DecodeState.allocate(model.config, rows, device=labels.device, dtype=dtype)
+    if not compile:
+        return state, None
+    if labels.device.type == "cuda":  # CUDA graphs replay on fixed addresses: the caches must not move
+        for tensor in [*state.keys, *state.values, state.tokens, state.position, *state.conv_tails.values()]:
+            torch._dynamo.mark_static_address(tensor)
+    return state, compiled_decoder(model, labels.device.type)
+
+
 @torch.no_grad()
 def generate(model: EngramGPT, labels: Tensor, sampling: SamplingConfig, rng: torch.Generator,
              num_tokens: int | None = None, compile: bool = False) -> Tensor:
@@ -86,15 +101,7 @@ def generate(model: EngramGPT, labels: Tensor, sampling: SamplingConfig, rng: to
     num_tokens = config.block_size if num_tokens is None else num_tokens
     if not 1 <= num_tokens <= config.block_size:
         raise ValueError(f"num_tokens must be in [1, {config.block_size}], got {num_tokens}")
-    rows = labels.shape[0] * (2 if sampling.uses_cfg else 1)
-    dtype = next(model.parameters()).dtype
-    state = DecodeState.allocate(config, rows, device=labels.device, dtype=dtype)
-    forward = None
-    if compile:
-        forward = compiled_decoder(model, labels.device.type)
-        if labels.device.type == "cuda":  # CUDA graphs replay on fixed addresses: the caches must not move
-            for tensor in [*state.keys, *state.values, state.tokens, state.position, *state.conv_tails.values()]:
-                torch._dynamo.mark_static_address(tensor)
+    state, forward = decode_setup(model, labels, sampling, compile)
     out = torch.empty(labels.shape[0], num_tokens, dtype=torch.long, device=labels.device)
     out[:, 0] = prefill(model, labels, state, sampling, rng, num_tokens)  # eager: runs once per batch
     for step in range(1, num_tokens):
