@@ -6,7 +6,9 @@ Prints JSON: seconds per generated batch for each (fastest call), and the ratios
 the median over alternating whole generations with the rounds' [low, high] (`common.PairedTimes`); Engram's
 overhead from generations run in lockstep, one decode step of each model after the other (`lockstep_decode`),
 median and [low, high] over rounds; the cache's speed-up over full recompute (timed apart: it is slow) from
-the fastest calls. Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
+the fastest calls. `fraction_of_bandwidth_floor`: the least time the decode steps can take at the
+measured copy bandwidth (weights plus the KV cache written so far, every step: `bandwidth_floor.py`)
+over the lockstep decode-step time; 1.0 would be at the floor. Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
 pass --size / --device / --engram for others (e.g. --size gpt-b --engram study --device cuda --batch 64
 --compile for the GPU figures in BENCHMARKS.md).
     python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--device cpu] [--batch 4] [--compile]
@@ -19,6 +21,7 @@ import json
 import time
 
 import torch
+from bandwidth_floor import generation_floor_bytes, measure_bandwidth
 from common import (
     PairedTimes,
     add_args,
@@ -94,6 +97,8 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--compile", action="store_true", help="also time compiled decoding")
     parser.add_argument("--skip-recompute", action="store_true", help="skip the (slow) full-recompute baseline")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024,
+                        help="size of the copy that measures memory bandwidth (well above the caches)")
     args = parse_args(parser)
     model, backbone = model_pair(args.size, args.grid, args.engram, args.device, getattr(torch, args.dtype),
                                  rows_per_head=args.rows_per_head)
@@ -126,6 +131,11 @@ def main() -> None:
             args.repeats, args.device)
         ratios["cache_speedup"] = round(seconds["full_recompute"] / seconds["cached"], 2)
     rows = args.batch * (2 if sampling.uses_cfg else 1)
+    # The bandwidth floor of the decode steps (bandwidth_floor.py) against the lockstep decode-step times.
+    bandwidth = measure_bandwidth(args.device, mib=args.bandwidth_mib)
+    dtype = getattr(torch, args.dtype)
+    floors = {name: generation_floor_bytes(model if "backbone" not in name else backbone, rows, dtype) / bandwidth
+              for name in step_seconds}
     print(json.dumps({
         "benchmark": "decode", "size": args.size, "engram": args.engram,
         "rows_per_head": config.engram.rows_per_head, "tokens": config.block_size,
@@ -134,6 +144,9 @@ def main() -> None:
         "seconds_per_batch": rounded(seconds, 4),
         "lockstep_decode_step_seconds": rounded(step_seconds, 4),
         "images_per_s": {k: round(args.batch / v, 2) for k, v in seconds.items()},
+        "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
+        "bandwidth_floor_seconds": rounded(floors, 4),
+        "fraction_of_bandwidth_floor": {k: round(floors[k] / v, 3) for k, v in step_seconds.items()},
         "ratios": ratios}))
 
 
