@@ -3,12 +3,13 @@ eager and compiled) vs recomputing the full forward for every token, and the Eng
 backbone without Engram.
 
 Prints JSON: seconds per generated batch for each (fastest call), and the ratios: the compile speed-up as
-the median over alternating whole generations with the rounds' [low, high] (`common.PairedTimes`); Engram's
-overhead from generations run in lockstep, one decode step of each model after the other (`lockstep_decode`),
-median and [low, high] over rounds; the cache's speed-up over full recompute (timed apart: it is slow) from
-the fastest calls. `fraction_of_bandwidth_floor`: the least time the decode steps can take at the
-measured copy bandwidth (weights plus the KV cache written so far, every step: `bandwidth_floor.py`)
-over the lockstep decode-step time; 1.0 would be at the floor. Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
+the median over alternating whole generations with the rounds' [low, high] (`common.PairedTimes`);
+Engram's overhead from generations run in lockstep, each model advancing 16 tokens in turn
+(`lockstep_decode`), median and [low, high] over rounds; the cache's speed-up over full recompute (timed
+apart: it is slow) from the fastest calls. `fraction_of_bandwidth_floor`: the least time the decode steps
+can take at the measured copy bandwidth (weights plus the KV cache written so far, every step:
+`bandwidth_floor.py`) over the lockstep decode-step time; 1.0 would be at the floor.
+Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
 pass --size / --device / --engram for others (e.g. --size gpt-b --engram study --device cuda --batch 64
 --compile for the GPU figures in BENCHMARKS.md).
     python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--device cpu] [--batch 4] [--compile]
@@ -57,32 +58,35 @@ def generate_without_cache(model: EngramGPT, labels: torch.Tensor, sampling: Sam
 
 
 @torch.no_grad()
-def lockstep_decode(models: dict[str, EngramGPT], compiled: dict[str, bool], batch: int, sampling: SamplingConfig,
+def lockstep_decode(variants: dict[str, tuple[EngramGPT, bool]], batch: int, sampling: SamplingConfig,
                     device: str, rounds: int, chunk: int = 16) -> PairedTimes:
-    """Decode-step seconds of every variant, generated in lockstep: each round samples one batch with every
-    model, advancing them in turns of `chunk` tokens (variants in an order that rotates per turn) and
-    timing each turn. A round's figure is the sum of its decode steps (the prefill, one forward, is left
-    out). Machine-speed swings slower than a turn hit every variant alike, which whole generations timed
-    one after another cannot promise; a turn of several steps keeps each model's weights in cache as a
-    real generation does (switching model every step would charge each step a cold start)."""
-    labels = torch.arange(batch, device=device) % next(iter(models.values())).config.num_classes
-    names = list(models)
+    """Decode-step seconds of every variant (name: (model, compiled)), generated in lockstep: each round
+    samples one batch with every model, advancing them in turns of `chunk` tokens (variants in an order
+    that rotates per turn) and timing each turn. A round's figure is the sum of its decode steps (the
+    prefill, one forward, is left out). Machine-speed swings slower than a turn hit every variant alike,
+    which whole generations timed one after another cannot promise; a turn of several steps keeps each
+    model's weights in cache as a real generation does (switching model every step would charge each step
+    a cold start). All models share one config's grid and classes."""
+    config = next(iter(variants.values()))[0].config
+    labels = torch.arange(batch, device=device) % config.num_classes
+    num_steps = config.block_size
+    names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds + 1):  # round 0 warms up (and compiles)
         states, forwards, tokens, rngs = {}, {}, {}, {}
-        for name, model in models.items():
-            states[name], forwards[name] = decode_setup(model, labels, sampling, compiled[name])
+        for name, (model, compiled) in variants.items():
+            states[name], forwards[name] = decode_setup(model, labels, sampling, compiled)
             rngs[name] = torch.Generator(device).manual_seed(0)
-            tokens[name] = prefill(model, labels, states[name], sampling, rngs[name], model.config.block_size)
+            tokens[name] = prefill(model, labels, states[name], sampling, rngs[name], num_steps)
         spent = dict.fromkeys(names, 0.0)
-        num_steps = next(iter(models.values())).config.block_size
         for turn, first in enumerate(range(1, num_steps, chunk)):
             for name in names[turn % len(names):] + names[:turn % len(names)]:
+                model = variants[name][0]
                 synchronize(device)
                 start = time.perf_counter()
                 for step in range(first, min(first + chunk, num_steps)):
-                    tokens[name] = decode_one_token(models[name], tokens[name], labels, states[name], step,
-                                                    num_steps, sampling, rngs[name], forwards[name])
+                    tokens[name] = decode_one_token(model, tokens[name], labels, states[name], step, num_steps,
+                                                    sampling, rngs[name], forwards[name])
                 synchronize(device)
                 spent[name] += time.perf_counter() - start
         if round_index > 0:
@@ -118,8 +122,7 @@ def main() -> None:
     pairs = {"cached": (model, False), "cached_backbone": (backbone, False)}
     if args.compile:
         pairs.update(compiled=(model, True), compiled_backbone=(backbone, True))
-    steps = lockstep_decode({k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()},
-                            args.batch, sampling, args.device, args.repeats)
+    steps = lockstep_decode(pairs, args.batch, sampling, args.device, args.repeats)
     step_seconds = steps.best()
     ratios["engram_overhead_cached"] = overhead(steps, "cached", "cached_backbone")
     if args.compile:
@@ -134,8 +137,7 @@ def main() -> None:
     # The bandwidth floor of the decode steps (bandwidth_floor.py) against the lockstep decode-step times.
     bandwidth = measure_bandwidth(args.device, mib=args.bandwidth_mib)
     dtype = getattr(torch, args.dtype)
-    floors = {name: generation_floor_bytes(model if "backbone" not in name else backbone, rows, dtype) / bandwidth
-              for name in step_seconds}
+    floors = {name: generation_floor_bytes(net, rows, dtype) / bandwidth for name, (net, _) in pairs.items()}
     print(json.dumps({
         "benchmark": "decode", "size": args.size, "engram": args.engram,
         "rows_per_head": config.engram.rows_per_head, "tokens": config.block_size,

@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # Bitwise the same arithmetic in float32 as the lines below, in one call instead of six (at a
+            # The same float32 arithmetic as the lines below (bitwise equal in tests), in one call instead of six (at a
             # decode step the number of calls is the cost).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
