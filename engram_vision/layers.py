@@ -21,8 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # The same float32 arithmetic as the lines below (bitwise equal in tests), in one call instead of six (at a
-            # decode step the number of calls is the cost).
+            # The same float32 arithmetic as the lines below (bitwise equal in tests), in one call instead
+            # of six (at a decode step the number of calls is the cost).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
