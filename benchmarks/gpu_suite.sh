@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures BENCHMARKS.md asks for, in one call sized for a short device lease (at most 9.5 minutes
-# on an H100/H200 after start-up: each step has its own time limit): GPT-B study decoding at batch 64 and 256 with CFG (compiled, CUDA graphs,
-# bf16; images/s, Engram overhead, fraction of the bandwidth floor), a bf16 compiled train step (tokens/s,
-# MFU, Engram overhead), host-table overhead, then the `gpu`-marked tests. Each benchmark's JSON line goes
-# to $OUT/<name>.json, its log to $OUT/<name>.log; a failed or timed-out step does not stop the others.
+# on an H100/H200 after start-up: each step has its own time limit): GPT-B study decoding at batch 64 and
+# 256 with CFG (compiled, CUDA graphs, bf16; images/s, Engram overhead, fraction of the bandwidth floor),
+# a bf16 compiled train step (tokens/s, MFU, Engram overhead), host-table overhead, then the `gpu`-marked
+# tests. Each benchmark's JSON line goes to $OUT/<name>.json, its log to $OUT/<name>.log; a failed or
+# timed-out step does not stop the others.
 #
 #   OUT=results bash benchmarks/gpu_suite.sh            # on the GPU machine, from the repository root
 #   DEVICE=cpu SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu_suite.sh  # dry run on CPU
@@ -22,7 +23,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
 if [ -d .gpu_wheels ]; then
     "$PYTHON" -m pip install -q --no-index --find-links .gpu_wheels webdataset torch-fidelity diffusers \
-        'jsonargparse[signatures]' safetensors pytest hypothesis > "$OUT/pip.log" 2>&1 || echo "pip: see $OUT/pip.log"
+        'jsonargparse[signatures]' safetensors pytest hypothesis > "$OUT/pip.log" 2>&1 \
+        || echo "pip: see $OUT/pip.log"
 fi
 
 if [ "$SMOKE" = 1 ]; then  # the same commands on a tiny model, to check the script itself
@@ -32,7 +34,6 @@ else
     MODEL=(--size gpt-b --engram study)
     BATCHES=(64 256); TRAIN_BATCH=32; REPEATS=3; DTYPE=bfloat16; BANDWIDTH_MIB=2048
 fi
-COMPILE=(--compile)
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the last line (the JSON) apart
     local name=$1 limit=$2
@@ -45,11 +46,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the last l
 
 for batch in "${BATCHES[@]}"; do
     step "decode_b$batch" 150 "$PYTHON" benchmarks/decode_cache.py "${MODEL[@]}" --device "$DEVICE" \
-        --dtype "$DTYPE" --batch "$batch" "${COMPILE[@]}" --skip-recompute --repeats "$REPEATS" \
+        --dtype "$DTYPE" --batch "$batch" --compile --skip-recompute --repeats "$REPEATS" \
         --bandwidth-mib "$BANDWIDTH_MIB"
 done
 step train 120 "$PYTHON" benchmarks/train_step.py "${MODEL[@]}" --device "$DEVICE" --dtype "$DTYPE" \
-    --batch "$TRAIN_BATCH" "${COMPILE[@]}" --repeats "$((REPEATS * 3))"
+    --batch "$TRAIN_BATCH" --compile --repeats "$((REPEATS * 3))"
 step host_tables 60 "$PYTHON" benchmarks/host_tables.py "${MODEL[@]}" --device "$DEVICE" --dtype "$DTYPE" \
     --batch "${BATCHES[0]}" --repeats "$REPEATS"
 if [ "$SMOKE" != 1 ]; then

@@ -5,7 +5,7 @@ cannot be compiled) and per training step (as benchmarks/train_step.py: forward,
 AdamW). On CUDA it also reports the peak GPU memory of each (one model alive at a time).
 
 On CPU both variants keep their tables in host memory, so the CPU figure only measures the extra code path
-(fetch objects, the custom autograd function, the dense host gradient); the real figure needs --device cuda.
+(fetch objects, the custom autograd function, the host gradient); the real figure needs --device cuda.
 Prints JSON: seconds for each, and offload_overhead_decode / offload_overhead_train (t_host / t_device - 1).
     python benchmarks/host_tables.py [--size gpt-small] [--engram small] [--grid 16] [--batch 4]
         [--device cpu] [--dtype float32] [--repeats 2] [--cfg-scale 2.0]
