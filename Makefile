@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) -m train.demo
+	$(PY) -m study demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

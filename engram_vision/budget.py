@@ -1,23 +1,22 @@
-"""Parameter budgets for Engram studies: analytic counts, FLOPs/token and the rho solver (DESIGN.md section 3).
+"""Parameter budgets for Engram studies: analytic counts, FLOPs/token and the rho solver (docs/engram2d.md).
 
 rho = P_backbone / (P_backbone + P_memory), where P_memory is the Engram tables only (projections, norms and
 conv are backbone). `count_parameters` and `flops_per_token` are closed forms over a `ModelConfig` (no model
 is built; the tests check them against `EngramGPT` on the meta device). `solve_budget` picks, for a total
 budget and a rho, a backbone from a `Family` and the `rows_per_head` that fills the rest with memory;
-`budget_table` sweeps rho. `python -m engram_vision.budget` prints GPT-B's table.
+`budget_table` sweeps rho. `python -m study budget` prints GPT-B's table.
 Building the model is `model.py`; the table primes come from `hashing.make_hash_params`; training the
 solved configs is `train/`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from engram_vision.config import EngramConfig, ModelConfig, model_config
+from engram_vision.config import EngramConfig, ModelConfig
 from engram_vision.hashing import make_hash_params
 
 BUDGET_TOLERANCE = 0.01
@@ -267,28 +266,6 @@ def budget_table(total_params: int, rhos: Iterable[float], base: ModelConfig, en
                      "achieved_rho": round(s.counts.rho, 4), "flops_per_token": s.flops_per_token,
                      "error": round(s.error, 6)})
     return rows
-
-
-def main() -> None:
-    """Print GPT-B's budget table (markdown) and the same rows as JSON lines."""
-    base = model_config("gpt-b")
-    total = count_parameters(base).total
-    rows = budget_table(total, (*STUDY_RHOS, 1.0), base, STUDY_ENGRAM)
-    print(f"GPT-B budget: {total:,} parameters; Engram layers {STUDY_ENGRAM.layers}, "
-          f"{STUDY_ENGRAM.num_heads} heads x {STUDY_ENGRAM.head_dim} per layer\n")
-    print("| " + " | ".join(rows[0]) + " |")
-    print("|" + "---|" * len(rows[0]))
-    for row in rows:
-        cells = [f"{v:,.0f}" if k == "flops_per_token" else f"{v:,}" if isinstance(v, int) else str(v)
-                 for k, v in row.items()]
-        print("| " + " | ".join(cells) + " |")
-    print()
-    for row in rows:
-        print(json.dumps(row))
-
-
-if __name__ == "__main__":
-    main()
 
 
 __all__ = ["DEPTH", "STUDY_ENGRAM", "STUDY_RHOS", "WIDTH", "BudgetSolution", "Family", "ParamCounts",

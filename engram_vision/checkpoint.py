@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engram_vision.config import ModelConfig, model_config
 from engram_vision.model import EngramGPT
-from tokenizers_vq.checkpoint import (
+from tokenizers_vq.files import (
     CONFIG_NAME,
     load_state_dict_checked,
     read_model_dir,

@@ -1,5 +1,5 @@
 """Typed configuration of the AR prior: `ModelConfig` (LlamaGen's c2i Transformer), `EngramConfig` (the
-Engram-2D memory, DESIGN.md section 3) and the named sizes `MODEL_SIZES`.
+Engram-2D memory, docs/engram2d.md) and the named sizes `MODEL_SIZES`.
 
 Validation here names the bad field; building modules is `engram_vision.model`, hashing `hashing.py`.
 """
@@ -43,7 +43,7 @@ def neighbor_offset(spec: str | int, mode: str) -> tuple[int, int] | int:
 
 @dataclass(frozen=True)
 class EngramConfig:
-    """Engram-2D memory: hashed n-gram tables fused through a context gate (DESIGN.md section 3)."""
+    """Engram-2D memory: hashed n-gram tables fused through a context gate (docs/engram2d.md)."""
 
     layers: tuple[int, ...] = (1,)
     """0-indexed Transformer blocks that get an Engram module (added before the block's attention)."""
@@ -80,7 +80,7 @@ class EngramConfig:
     table_weight_decay: float = 0.0
     """Weight decay of the tables' optimizer group."""
     table_device: Literal["device", "host"] = "device"
-    """Where tables live at inference: on the model's device, or in pinned host memory (issue 7)."""
+    """Where tables live at inference: on the model's device, or in pinned host memory."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))

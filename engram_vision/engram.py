@@ -1,5 +1,5 @@
 """`EngramMemory`: one Engram layer – hashed n-gram rows of one table, key/value projections, a context
-gate and a causal depthwise conv – returning the residual update Y for a block (DESIGN.md section 3).
+gate and a causal depthwise conv – returning the residual update Y for a block (docs/engram2d.md).
 
 Follows DeepSeek's Engram reference (arXiv 2601.07372): gate = sigmoid(signed_sqrt(<RMSNorm(h),
 RMSNorm(W_K e)> / sqrt(d))), y = gate * W_V e, Y = y + SiLU(conv(RMSNorm(y))). Which rows to read is

@@ -1,4 +1,4 @@
-"""Engram-2D hashing: image tokens -> row ids of each Engram layer's table (DESIGN.md section 3).
+"""Engram-2D hashing: image tokens -> row ids of each Engram layer's table (docs/engram2d.md).
 
 Pure functions on torch int64 tensors (on the input's device, no state, deterministic across processes):
 

@@ -4,7 +4,7 @@ Engram rows depend only on token ids, so a step's rows can be fetched before the
 the model hashes all layers at the start of its forward and calls `fetch` (the ids go to the host on a
 side stream), then the blocks before the Engram layer are queued; when the layer runs, the host gathers
 the rows from the table into pinned memory and copies them to the GPU on the side stream while the GPU
-is still busy with the earlier blocks (DESIGN.md section 7). The table itself never occupies GPU memory.
+is still busy with the earlier blocks (docs/design.md, "Scale"). The table itself never occupies GPU memory.
 
 Training works too: the backward adds the rows' gradient into the table's host gradient (dense, like
 nn.Embedding's, and kept across steps: `table.EngramTable`), so the optimizer updates the table on the host. Model code: `engram.py` (which

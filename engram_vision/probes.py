@@ -14,7 +14,7 @@ The statistic is KL(P || Q) per position, averaged over the T positions of an im
 over images with a 95% bootstrap interval, paired permutation tests between kinds, and the ratio of each
 table intervention to each donor kind. One pass over the data scores every probe, reusing P per batch.
 Resampling is `stats.py`; the interventions themselves `interventions.py`; reading token shards, running
-this over a study and writing metrics.json is `train/study.py`.
+this over a study and writing metrics.json is `study/runner.py`.
 """
 
 from __future__ import annotations

@@ -1,60 +1,63 @@
-"""A domain feature extractor for small data sets: a tiny CNN trained on the embedded digits.
+"""A domain feature extractor for small data sets: a tiny CNN classifier (trained on the embedded digits by
+`study.domain_classifier`).
 
 Inception features mean little for 16x16 digits, so FID/IS/KID/PRC on the embedded data set use this
 classifier instead: `features` (the 128-d penultimate layer) for FID/KID/PRC and `logits` for IS and for
-`class_accuracy` (does a class-conditional sample show the digit it was asked for?). It is trained in plain
-torch on `digits_split("train")` with small random shifts, deterministically for a seed, and saved as
-`model.safetensors` + `config.json`:
+`class_accuracy` (does a class-conditional sample show the digit it was asked for?). It is saved as
+`model.safetensors` + `config.json`; make one with
 
-    python -m metrics.domain --out runs/demo/domain_classifier
+    python -m study classifier --out runs/demo/domain_classifier
 
 Importing this module registers `FIDELITY_NAME` ("digits-classifier") with torch-fidelity (weights passed
-as `feature_extractor_weights_path`) and with `metrics.features.build_extractor` (as `weights`). Computing and reporting metrics is left to `metrics.fid`,
-`metrics.evaluate` and `metrics.features`; the data set itself to `train.digits`.
+as `feature_extractor_weights_path`) and with `metrics.features.build_extractor` (as `weights`). Computing
+and reporting metrics is left to `metrics.fid`, `metrics.evaluate` and `metrics.features`; training the
+classifier and the data it learns from to `study.domain_classifier`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import CLI
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from metrics.features import FeatureExtractor, register_extractor
-from tokenizers_vq.checkpoint import atomic_write, atomic_write_text, file_sha256, load_state_dict_checked
-from train.digits import IMAGE_SIZE, NUM_CLASSES, digits_split
+from tokenizers_vq.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    load_state_dict_checked,
+)
 
 __all__ = ["DomainClassifierConfig", "DigitsClassifier", "DigitsFeatureExtractor", "DigitsDomainExtractor",
-           "FIDELITY_NAME", "train_domain_classifier", "save_domain_classifier", "load_domain_classifier",
-           "class_accuracy", "register_with_torch_fidelity", "main"]
+           "FIDELITY_NAME", "save_domain_classifier", "load_domain_classifier", "class_accuracy",
+           "register_with_torch_fidelity"]
 
 FIDELITY_NAME = "digits-classifier"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 _KIND = "engram-vision-domain-classifier"
-_MAKE_IT = "python -m metrics.domain --out DIR"
+_MAKE_IT = "python -m study classifier --out DIR"
 
 
 @dataclass(frozen=True)
 class DomainClassifierConfig:
     """Shape of the classifier; saved in config.json so a checkpoint rebuilds itself."""
 
-    image_size: int = IMAGE_SIZE
+    image_size: int = 16
     """Inputs of any size are resized to this square size before the first conv."""
     width: int = 32
     """Channels of the first conv block; the second block has twice as many."""
     feature_dim: int = 128
     """Size of the penultimate layer, the features FID/KID/PRC compare."""
-    num_classes: int = NUM_CLASSES
+    num_classes: int = 10
     """Number of logits."""
 
     def __post_init__(self) -> None:
@@ -110,24 +113,6 @@ class DigitsClassifier(nn.Module):
         return feats, self.head(feats)
 
 
-def _to_nchw(images_nhwc: Any) -> torch.Tensor:
-    return torch.as_tensor(images_nhwc).permute(0, 3, 1, 2).contiguous()
-
-
-def _random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
-    """Translate each image [N,C,H,W] by its own (dy, dx) in [-max_shift, max_shift], filling with the
-    minimum value (black background, as in the digits)."""
-    n, _, h, w = images.shape
-    fill = float(images.min())
-    padded = F.pad(images, (max_shift,) * 4, value=fill)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=rng)
-    rows = dy[:, None] + torch.arange(h)[None]  # [N,H]
-    cols = dx[:, None] + torch.arange(w)[None]  # [N,W]
-    batch = torch.arange(n)[:, None, None]
-    # Advanced indexing with the channel slice in the middle puts channels last: [N,H,W,C].
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
 @torch.no_grad()
 def class_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor,
                    batch_size: int = 512) -> float:
@@ -164,50 +149,13 @@ def load_domain_classifier(path: str | Path) -> DigitsClassifier:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"domain classifier file {directory / name} not found; make it with "
-                                    f"`python -m metrics.domain --out {directory}`")
+                                    f"`python -m study classifier --out {directory}`")
     meta = json.loads((directory / CONFIG_NAME).read_text())
     if meta.get("kind") != _KIND:
         raise ValueError(f"{directory / CONFIG_NAME} is not a domain classifier config ({_MAKE_IT})")
     classifier = DigitsClassifier(DomainClassifierConfig(**meta["config"]))
     load_state_dict_checked(classifier, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
     return classifier.eval()
-
-
-def train_domain_classifier(out_dir: str | Path, epochs: int = 12, seed: int = 0, batch_size: int = 64,
-                            lr: float = 2e-3, max_shift: int = 2,
-                            config: DomainClassifierConfig = DomainClassifierConfig()) -> Path:
-    """Train on the digits train split, save into `out_dir`, return the weights path.
-
-    Deterministic for a seed on a given machine and thread count: the initial weights, the shuffling and
-    the shifts all come from `seed`, and the caller's global RNG is left untouched.
-    """
-    start = time.perf_counter()
-    train_images, train_labels = digits_split("train")
-    x, y = _to_nchw(train_images), torch.as_tensor(train_labels)
-    with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG; keep the caller's
-        torch.manual_seed(seed)
-        classifier = DigitsClassifier(config)
-    rng = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-x.shape[0] // batch_size)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    # No dropout or norm layers, so train/eval mode never changes the outputs.
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=rng)
-        for start_index in range(0, x.shape[0], batch_size):
-            index = order[start_index:start_index + batch_size]
-            batch = _random_shift(classifier.preprocess(x[index]), max_shift, rng)
-            # label smoothing keeps logits moderate, so IS and softmax confidences are not saturated
-            loss = F.cross_entropy(classifier.head(classifier.body(batch)), y[index], label_smoothing=0.05)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    val_images, val_labels = digits_split("val")
-    val_accuracy = class_accuracy(classifier, _to_nchw(val_images), torch.as_tensor(val_labels))
-    train = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr, "max_shift": max_shift,
-             "seconds": round(time.perf_counter() - start, 2)}
-    return save_domain_classifier(classifier, out_dir, {"train": train, "val_accuracy": val_accuracy})
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -277,23 +225,5 @@ class DigitsDomainExtractor(FeatureExtractor):
 
 
 register_with_torch_fidelity()
-# overwrite: `python -m metrics.domain` imports this file twice (as __main__ and as metrics.domain)
+# overwrite: a module imported twice (e.g. once as __main__) registers itself again
 register_extractor(FIDELITY_NAME, DigitsDomainExtractor, overwrite=True)
-
-
-def main(out: str = "runs/demo/domain_classifier", epochs: int = 12, seed: int = 0) -> float:
-    """Train the domain classifier into `out` and print where it went and its val accuracy.
-
-    Args:
-        out: directory for model.safetensors + config.json.
-        epochs: passes over the 1500 training digits.
-        seed: seeds the initial weights, shuffling and shifts.
-    """
-    weights = train_domain_classifier(out, epochs=epochs, seed=seed)
-    meta = json.loads((weights.parent / CONFIG_NAME).read_text())
-    print(f"{weights}: val accuracy {meta['val_accuracy']:.4f} ({epochs} epochs, {meta['train']['seconds']} s)")
-    return meta["val_accuracy"]
-
-
-if __name__ == "__main__":
-    CLI(main, as_positional=False)

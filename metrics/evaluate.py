@@ -4,13 +4,14 @@ FID is our float64 `frechet_distance` on the chosen extractor's features; IS, KI
 are torch-fidelity's implementations (`*_featuresdict_to_metric`) fed the same features, so images go
 through the extractor once and reference features come from the `metrics.reference` cache instead of
 torch-fidelity's own registry and cache. Producing samples (`sample/`) and domain extractors
-(`metrics.domain`) are left to others. CLI: `python -m metrics --samples DIR --reference REF`.
+(`metrics.domain`) are left to others. CLI: `python -m metrics evaluate --samples DIR --reference REF`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,10 @@ from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
-from metrics.features import build_extractor
+from metrics.features import accelerator_device, build_extractor
 from metrics.fid import FeatureStats
 from metrics.reference import data_hash, extract, iter_image_batches, load_reference, source_kind
-from tokenizers_vq.checkpoint import atomic_write_text
+from tokenizers_vq.files import atomic_write_text
 
 ALL_METRICS = ("fid", "is", "kid", "prc", "acc")
 
@@ -60,52 +61,65 @@ def _sample_labels(path: Path, kind: str) -> np.ndarray | None:
         return data["labels"].astype(np.int64) if "labels" in data.files else None
 
 
-def evaluate(
-    samples: str,
-    reference: str,
-    extractor: str = "inception-v3-compat",
-    weights: str | None = None,
-    metrics: str = "fid,is,kid,prc",
-    out: str | None = None,
-    device: str | None = None,
-    batch_size: int = 64,
-    cache_dir: str | None = None,
-    image_size: int | None = None,
-    kid_subset_size: int = 1000,
-    isc_splits: int = 10,
-) -> dict[str, Any]:
-    """Compute `metrics` of `samples` vs `reference`; write and return the metrics.json content.
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What `evaluate` scores, against what and how: the flags of `python -m metrics evaluate`, and a
+    study's `evaluate:` section (the study fills in `samples` and `out` for each run)."""
 
-    Args:
-        samples: Sample directory (`samples.npz` with `arr_0`, or `images/`), or an `.npz`/image folder.
-        reference: ADM `.npz` (`mu`/`sigma`: FID and IS only; or `arr_0` images), image folder, or shards.
-        extractor: Registered feature extractor name (see `metrics.features.available_extractors`).
-        weights: Extractor weights file; default torch's hub cache (Inception). Never downloaded.
-        metrics: Comma-separated subset of fid,is,kid,prc,acc (acc: class accuracy of labelled samples
-            under the extractor's classifier, for a domain classifier such as digits-classifier).
-        out: Output JSON path; default `<samples dir>/metrics.json`.
-        device: Torch device for the extractor; default cuda when available.
-        batch_size: Extractor batch size.
-        cache_dir: Reference statistics cache; default ~/.cache/engram-vision/reference-stats.
-        image_size: Resize-and-centre-crop reference folder/shard images to this size (None: as stored).
-        kid_subset_size: KID subset size, capped at the smaller sample count.
-        isc_splits: Number of IS splits.
-    """
-    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
-    unknown = sorted(set(wanted) - set(ALL_METRICS))
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fx = build_extractor(extractor, weights=weights, device=device, batch_size=batch_size)
+    reference: str
+    """ADM `.npz` (`mu`/`sigma`: FID and IS only; or `arr_0` images), image folder, or image shards."""
+    samples: str | None = None
+    """Sample directory (`samples.npz` with `arr_0`, or `images/`), or an `.npz`/image folder."""
+    extractor: str = "inception-v3-compat"
+    """Registered feature extractor name (see `metrics.features.available_extractors`)."""
+    weights: str | None = None
+    """Extractor weights file; default torch's hub cache (Inception). Never downloaded."""
+    metrics: str = "fid,is,kid,prc"
+    """Comma-separated subset of fid,is,kid,prc,acc (acc: class accuracy of labelled samples under the
+    extractor's classifier, for a domain classifier such as digits-classifier)."""
+    out: str | None = None
+    """Output JSON path; default `<samples dir>/metrics.json`."""
+    accelerator: str = "auto"
+    """Where the extractor runs (one device): auto (a GPU when there is one), cpu, gpu/cuda or mps."""
+    batch_size: int = 64
+    """Extractor batch size."""
+    cache_dir: str | None = None
+    """Reference statistics cache; default ~/.cache/engram-vision/reference-stats."""
+    image_size: int | None = None
+    """Resize-and-centre-crop reference folder/shard images to this size (None: as stored)."""
+    kid_subset_size: int = 1000
+    """KID subset size, capped at the smaller sample count."""
+    isc_splits: int = 10
+    """Number of IS splits."""
+
+    def __post_init__(self) -> None:
+        wanted = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        unknown = sorted(set(wanted) - set(ALL_METRICS))
+        if unknown:
+            raise ValueError(f"EvaluateConfig.metrics: unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+        for name in ("batch_size", "kid_subset_size", "isc_splits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvaluateConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Compute `config.metrics` of `config.samples` vs `config.reference`; write and return the
+    metrics.json content."""
+    if config.samples is None:
+        raise ValueError("EvaluateConfig.samples is not set: name the sample directory to score")
+    samples, reference, weights, out = config.samples, config.reference, config.weights, config.out
+    wanted = [m.strip() for m in config.metrics.split(",") if m.strip()]
+    fx = build_extractor(config.extractor, weights=weights, device=accelerator_device(config.accelerator),
+                         batch_size=config.batch_size)
 
     sample_path, sample_kind = samples_source(samples)
     sample_feats, sample_logits = extract(fx, iter_image_batches(sample_path, sample_kind))
-    ref = load_reference(reference, fx, cache_dir=cache_dir, image_size=image_size)
+    ref = load_reference(reference, fx, cache_dir=config.cache_dir, image_size=config.image_size)
 
     values: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
     # torch-fidelity reads unset kwargs from its DEFAULTS; verbose off keeps stdout for our summary.
-    tf_kwargs: dict[str, Any] = {"verbose": False, "isc_splits": isc_splits}
+    tf_kwargs: dict[str, Any] = {"verbose": False, "isc_splits": config.isc_splits}
     if "fid" in wanted:
         values["fid"] = _finite(FeatureStats.from_features(sample_feats).fid(ref.stats))
     if "is" in wanted:
@@ -120,7 +134,7 @@ def evaluate(
         f1 = {"f": torch.from_numpy(sample_feats)}
         f2 = {"f": torch.from_numpy(np.asarray(ref.features, np.float32))}
         if name == "kid":
-            size = min(kid_subset_size, len(sample_feats), len(ref.features))
+            size = min(config.kid_subset_size, len(sample_feats), len(ref.features))
             res = kid_featuresdict_to_metric(f1, f2, "f", kid_subset_size=size, **tf_kwargs)
         else:  # torch-fidelity's convention: input 1 generated, input 2 real
             res = prc_featuresdict_to_metric(f1, f2, "f", **tf_kwargs)

@@ -15,12 +15,29 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_vq.checkpoint import file_sha256
+from tokenizers_vq.files import file_sha256
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 )
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """The one torch device a single-device job (scoring, probing) runs on, named with Lightning's
+    accelerator vocabulary: `auto` (cuda when available, else cpu), `cpu`, `gpu`/`cuda`, `mps`."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {list(ACCELERATORS)}, got {accelerator!r}")
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"accelerator {accelerator!r}: no CUDA device is visible; use accelerator cpu or auto")
+        return torch.device("cuda")
+    return torch.device(accelerator)
 
 
 class FeatureExtractor(ABC):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from tokenizers_vq.checkpoint import atomic_write
+from tokenizers_vq.files import atomic_write
 
 # Follows pytorch-fid / guided-diffusion's evaluator: offset the diagonal when the product is singular and
 # accept a tiny imaginary part from sqrtm's round-off, but refuse a large one (a sign of broken stats).

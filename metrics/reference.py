@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from metrics.features import FeatureExtractor
 from metrics.fid import FeatureStats
-from tokenizers_vq.checkpoint import file_sha256
+from tokenizers_vq.files import file_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHUNK = 256  # images decoded per extractor call: bounds memory for 50k-image references

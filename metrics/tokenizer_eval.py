@@ -1,7 +1,7 @@
 """Tokenizer evaluation: reconstruct a set of real images through a VQ tokenizer and report PSNR, SSIM
 and rFID (FID of the reconstructions against the originals, in a chosen extractor's feature space).
 
-    python -m metrics.tokenizer_eval --tokenizer runs/demo/vq/tokenizer --images val.npz \
+    python -m metrics tokenizer --tokenizer runs/demo/vq/tokenizer --images val.npz \
         --extractor digits-classifier --weights runs/demo/domain_classifier
 
 LlamaGen reports rFID against the ImageNet val centre crops (`--image_size 256` on the val folder).
@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import CLI
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from metrics.features import build_extractor
+from metrics.features import accelerator_device, build_extractor
 from metrics.fid import FeatureStats
 from metrics.reference import data_hash, extract, iter_image_batches, source_kind
-from tokenizers_vq.checkpoint import atomic_write_text, load_tokenizer
+from tokenizers_vq.checkpoint import load_tokenizer
+from tokenizers_vq.files import atomic_write_text
 
 
 @torch.no_grad()
-def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor, device: str) -> torch.Tensor:
+def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """uint8 [B,3,H,W] -> the tokenizer's uint8 reconstructions (encode to codes, decode, round)."""
     signed = images.to(device).float() / 127.5 - 1
     decoded = tokenizer.decode(tokenizer.encode(signed)).float().clamp(-1, 1)
@@ -35,7 +35,7 @@ def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor, device: str) -
 
 def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-v3-compat",
                        weights: str | None = None, out: str | None = None, tokenizer_size: str | None = None,
-                       image_size: int | None = None, device: str = "cpu") -> dict[str, Any]:
+                       image_size: int | None = None, accelerator: str = "cpu") -> dict[str, Any]:
     """PSNR, SSIM and rFID of `tokenizer` on `images`; writes metrics.json (default beside the tokenizer).
 
     Args:
@@ -46,8 +46,9 @@ def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-
         out: metrics.json path (default `<tokenizer dir>/eval_metrics.json`).
         tokenizer_size: named config of a LlamaGen `.pt` (vq-16 or vq-8).
         image_size: resize and centre-crop folder/shard images to this size (the tokenizer's input size).
-        device: torch device.
+        accelerator: where it runs (one device): cpu, gpu/cuda, mps, or auto (a GPU when there is one).
     """
+    device = accelerator_device(accelerator)
     vq = load_tokenizer(tokenizer, tokenizer_size).to(device).eval()
     fx = build_extractor(extractor, weights=weights, device=device)
     kind = source_kind(images)
@@ -78,7 +79,3 @@ def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-
     tokenizer_dir = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
     atomic_write_text(Path(out) if out else tokenizer_dir / "eval_metrics.json", json.dumps(report, indent=2) + "\n")
     return report
-
-
-if __name__ == "__main__":
-    CLI(evaluate_tokenizer, as_positional=False)

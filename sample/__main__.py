@@ -1,152 +1,18 @@
-"""`python -m sample --config configs/sample/<name>.yaml`: an AR checkpoint plus a tokenizer -> N images.
-
-Writes `<out>/images/{index:06d}.png`, then `<out>/samples.npz` (`arr_0` uint8 [N,H,W,3], `labels` int64
-[N], the ADM evaluator layout) and `<out>/manifest.json` (checkpoint and tokenizer hashes, sampler
-settings, seed, label scheme). Runs through Lightning's predict loop on every device; rerunning after an
-interruption samples only the missing batches (`sample/job.py`); a rerun with other settings is refused.
-Every file is written atomically (a temporary file beside it, then a rename; a rerun removes the temporary
-files of a killed run), so a kill or a full disk never leaves a half-written PNG under its final name.
-Token generation is `sample/generate.py`; scoring the images is `python -m metrics`.
-"""
+"""`python -m sample --config configs/sample/<name>.yaml [--flags]`: the command line of
+`sample.job.sample_images` (an AR checkpoint plus a tokenizer -> N images); nothing else lives here."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
-import torch
-from jsonargparse import CLI
-from torch.utils.data import DataLoader
-from torchvision.io import decode_png, encode_png
+from jsonargparse import auto_cli, set_parsing_settings
 
-from engram_vision.checkpoint import load_any_gpt
-from sample.generate import generate
-from sample.job import LabelScheme, SamplePlan, batch_seed, image_path, plan_labels
-from sample.sampling import SamplingConfig
-from tokenizers_vq.checkpoint import (
-    TEMP_SUFFIX,
-    WEIGHTS_NAME,
-    atomic_write,
-    atomic_write_text,
-    file_sha256,
-    load_tokenizer,
-    remove_stale_temps,
-    temp_target,
-)
-
-
-def _weights_hash(path: Path) -> str:
-    return file_sha256(path / WEIGHTS_NAME if path.is_dir() else path)
-
-
-class _Sampler(L.LightningModule):
-    """predict_step(batch k) -> writes the batch's PNGs; nothing is returned to keep memory flat."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, plan: SamplePlan, labels: torch.Tensor,
-                 sampling: SamplingConfig, seed: int, out: Path, compile: bool = False):
-        super().__init__()
-        self.model, self.tokenizer = model.eval(), tokenizer.eval()
-        self.plan, self.labels, self.sampling, self.seed, self.out = plan, labels, sampling, seed, out
-        self.compile = compile
-
-    def predict_step(self, batch: int, batch_idx: int) -> None:
-        indices = self.plan.indices(int(batch))
-        labels = self.labels[indices.start:indices.stop].to(self.device)
-        rng = torch.Generator(self.device).manual_seed(batch_seed(self.seed, int(batch)))
-        tokens = generate(self.model, labels, self.sampling, rng, compile=self.compile)
-        grid = self.model.config.token_grid
-        images = self.tokenizer.decode(tokens.reshape(-1, *grid)).float().clamp(-1, 1)
-        pixels = ((images + 1) * 127.5).round().to(torch.uint8).cpu()
-        for index, image in zip(indices, pixels, strict=True):
-            path = image_path(self.out, index)
-            atomic_write(path, lambda tmp, image=image: Path(tmp).write_bytes(encode_png(image).numpy().tobytes()))
-
-
-class _PendingBatches(L.LightningDataModule):
-    def __init__(self, plan: SamplePlan, out: Path):
-        super().__init__()
-        self.plan, self.out = plan, out
-
-    def predict_dataloader(self) -> DataLoader:
-        pending = self.plan.pending(self.out, self.trainer.global_rank, self.trainer.world_size)
-        # Temporary PNGs of a killed run, for this rank's images only (other ranks may be writing theirs).
-        mine = {image_path(self.out, i).name for batch in pending for i in self.plan.indices(batch)}
-        folder = image_path(self.out, 0).parent
-        for tmp in folder.glob(f".*{TEMP_SUFFIX}") if folder.is_dir() else ():
-            if temp_target(tmp) in mine:
-                tmp.unlink(missing_ok=True)
-        return DataLoader(pending, batch_size=None)
-
-
-def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_000,
-                  labels: LabelScheme = "uniform", seed: int = 0, batch_size: int = 64,
-                  sampling: SamplingConfig = SamplingConfig(), model_size: str | None = None,
-                  tokenizer_size: str | None = None, accelerator: str = "auto", devices: int | str = "auto",
-                  strategy: str = "auto", precision: str = "32-true", compile: bool = False) -> dict[str, Any]:
-    """Sample `num_samples` images and write PNGs, samples.npz and manifest.json into `out`.
-
-    Args:
-        model: our exported model directory (train ... ExportModel) or a LlamaGen c2i `.pt`.
-        tokenizer: a tokenizer directory, a diffusers VQModel directory or a LlamaGen VQ `.pt`.
-        out: output directory; rerun with the same arguments to finish an interrupted run.
-        num_samples: images to write (50,000 for FID).
-        labels: `uniform` at random (LlamaGen's protocol) or `balanced` over classes.
-        seed: the run's seed (labels and every batch's generator derive from it).
-        batch_size: images per batch; the images depend on it (batch k has its own generator). They do
-            not depend on the number of devices, up to float rounding: kernels that reduce in another order
-            (another thread count, GPU model or precision) can flip a rare near-tie token choice.
-        sampling: CFG scale and schedule, temperature, top-k, top-p, greedy.
-        model_size / tokenizer_size: named configs for LlamaGen `.pt` files (e.g. gpt-b, vq-16).
-        accelerator, devices, strategy, precision: Lightning Trainer settings (e.g. devices 8, bf16-mixed).
-        compile: compile the decode step (static cache, CUDA graphs on GPU); same images, faster after the
-            first batch, which pays the compile. A last batch of another size compiles once more.
-    """
-    out_dir = Path(out)
-    gpt = load_any_gpt(model, model_size)
-    vq = load_tokenizer(tokenizer, tokenizer_size)
-    plan = SamplePlan(num_samples, batch_size)
-    settings = {"model": str(model), "model_sha256": _weights_hash(Path(model)), "tokenizer": str(tokenizer),
-                "tokenizer_sha256": _weights_hash(Path(tokenizer)), "num_samples": num_samples,
-                "label_scheme": labels, "seed": seed, "batch_size": batch_size, "sampling": asdict(sampling),
-                "num_classes": gpt.config.num_classes, "grid": list(gpt.config.token_grid)}
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        changed = sorted(k for k, v in settings.items() if previous.get(k) != v)
-        if changed:
-            raise ValueError(f"{out_dir} holds samples made with other settings ({', '.join(changed)}); "
-                             f"use an empty --out folder or the same arguments")
-    atomic_write_text(manifest_path, json.dumps({**settings, "complete": False}, indent=2))
-    label_plan = plan_labels(num_samples, gpt.config.num_classes, labels, seed)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                        logger=False, use_distributed_sampler=False, enable_model_summary=False)
-    trainer.predict(_Sampler(gpt, vq, plan, label_plan, sampling, seed, out_dir, compile),
-                    _PendingBatches(plan, out_dir),
-                    return_predictions=False)
-    trainer.strategy.barrier()  # every rank's PNGs are on disk before rank 0 gathers them
-    if not trainer.is_global_zero:
-        return {}
-    for name in ("samples.npz", "manifest.json"):  # leftovers of a run killed while writing them
-        remove_stale_temps(out_dir / name)
-    pixels = np.stack([decode_png(torch.frombuffer(bytearray(image_path(out_dir, i).read_bytes()), dtype=torch.uint8))
-                       .permute(1, 2, 0).numpy() for i in range(num_samples)])
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a bare name
-            np.savez(handle, arr_0=pixels, labels=label_plan.numpy().astype(np.int64))
-
-    atomic_write(out_dir / "samples.npz", write_npz)
-    manifest = {**settings, "complete": True, "image_shape": list(pixels.shape[1:])}
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-    print(f"{out_dir}: {num_samples} images, samples.npz and manifest.json written")
-    return manifest
+from sample.job import sample_images
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return CLI(sample_images, args=argv, as_positional=False)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    return auto_cli(sample_images, args=argv, as_positional=False, prog="python -m sample")
 
 
 if __name__ == "__main__":

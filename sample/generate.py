@@ -7,7 +7,7 @@ generator. Follows LlamaGen's generate (c2i, CFG on raw logits) and gpt-fast's p
 With `compile=True` the decode step's forward is `torch.compile`d once (fixed shapes: the cache is
 static, `engram_vision.cache`; CUDA graphs on GPU via mode "reduce-overhead"); sampling stays eager so the
 explicit generator is honoured. Nothing in the loop reads a device value back to the host.
-The model and its cache are `engram_vision`; writing images is `sample/__main__.py`.
+The model and its cache are `engram_vision`; writing images is `sample/job.py`.
 """
 
 from __future__ import annotations

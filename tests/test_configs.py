@@ -46,8 +46,10 @@ def fake_lpips_hub(tmp_path_factory) -> Path:
 def _check_command_config(path: Path) -> None:
     from jsonargparse import ArgumentParser
 
-    from sample.__main__ import sample_images
-    from train.study import study
+    from engram_vision.probes import ProbeConfig
+    from metrics.evaluate import EvaluateConfig
+    from sample.job import sample_images
+    from study.runner import study
 
     parser = ArgumentParser()
     parser.add_function_arguments(sample_images if path.parent.name == "sample" else study)
@@ -60,7 +62,10 @@ def _check_command_config(path: Path) -> None:
     for run in built.runs:
         assert run.model is not None or (REPO / run.config).is_file(), run
     assert (REPO / built.sample.config).is_file() and built.baseline in [run.name for run in built.runs]
-    assert built.probes.probe_config().gates == tuple(built.probes.gates)
+    # The probe and evaluation sections are the very configs run_probes and evaluate take.
+    assert isinstance(built.probes.settings, ProbeConfig) and len(built.probes.settings.gates) >= 2
+    assert isinstance(built.evaluate, EvaluateConfig) and built.evaluate.samples is None
+    assert "accelerator" in yaml.safe_load(path.read_text())["probes"]
 
 
 def test_there_are_configs():
@@ -72,7 +77,7 @@ def test_config_parses_and_builds_on_meta(path, fake_lpips_hub, monkeypatch):
     if path.parent.name not in STAGE_OF_FOLDER:
         pytest.fail(f"{path} is in a configs/ folder no test knows; add it to STAGE_OF_FOLDER")
     stage = STAGE_OF_FOLDER[path.parent.name]
-    if stage is None:  # a jsonargparse command (python -m sample / train study): parse against its function
+    if stage is None:  # a jsonargparse command (python -m sample / study run): parse against its function
         _check_command_config(path)
         return
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(fake_lpips_hub))
@@ -84,7 +89,7 @@ def test_config_parses_and_builds_on_meta(path, fake_lpips_hub, monkeypatch):
     model = built["model"]
     # Every field the YAML sets reaches the built model's config.
     section = yaml.safe_load((base or path).read_text())["model"]
-    for field, value in (section.get("tokenizer") or section.get("model") or {}).items():
+    for field, value in (section.get("tokenizer") or section.get("gpt") or {}).items():
         got = getattr(model.model.config, field)
         if field == "engram" and value is not None:
             got, value = got.layers, value["layers"]
@@ -106,7 +111,7 @@ def test_ar_config_counts_match_its_name(path):
     from engram_vision.config import EngramConfig, ModelConfig
 
     def load(p):
-        spec = yaml.safe_load(p.read_text())["model"]["model"]
+        spec = yaml.safe_load(p.read_text())["model"]["gpt"]
         engram = spec.pop("engram")
         return ModelConfig(**spec, engram=EngramConfig(**engram) if engram else None)
 
@@ -126,7 +131,7 @@ def test_ar_config_counts_match_its_name(path):
 
 
 def test_ar_configs_are_what_the_generator_writes(tmp_path):
-    from train.make_ar_configs import write_all
+    from study.configs import write_all
 
     written = write_all(tmp_path)
     assert sorted(p.name for p in written) == sorted(p.name for p in AR_CONFIGS)

@@ -6,7 +6,7 @@
 `downsample_factor`. Inference only: the wrapped model stays in eval mode with gradients off.
 
 Left to others: training and our own LlamaGen-compatible VQ-GAN (`tokenizers_vq.model`), image loading and
-normalisation to [-1,1] (`train/data.py`), token shards (`train/extract_tokens.py`).
+normalisation to [-1,1] (`train/data.py`), token shards (`train/prepare/extract_tokens.py`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from engram_vision.checkpoint import save_gpt
 from engram_vision.model import EngramGPT
 from sample.generate import generate
 from sample.sampling import SamplingConfig
-from tokenizers_vq.checkpoint import atomic_write, atomic_write_text, save_vq
+from tokenizers_vq.checkpoint import save_vq
+from tokenizers_vq.files import atomic_write, atomic_write_text
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -109,6 +110,9 @@ class ExportModel(L.Callback):
             save_vq(model, _log_dir(trainer) / self.dirname)
 
 
+GRID_SAMPLING = SamplingConfig(cfg_scale=2.0)
+
+
 class SampleGrid(L.Callback):
     """Every `every_n_steps` training steps, samples `per_class` images for each of the first `num_classes`
     classes (one row per class) and saves `samples/step_XXXXXXX.png` and `samples.png` (the latest).
@@ -118,17 +122,17 @@ class SampleGrid(L.Callback):
         every_n_steps: sampling interval in optimizer steps.
         per_class: images per class (columns).
         num_classes: classes shown (rows), from label 0.
-        cfg_scale: guidance scale (needs the model's null label when != 1).
-        temperature: sampling temperature.
+        sampling: how the grid is sampled, as in `python -m sample` (default CFG 2.0, temperature 1; a
+            cfg_scale != 1 needs the model's null label).
         seed: generator seed, so grids at different steps are comparable.
     """
 
     def __init__(self, tokenizer: str, every_n_steps: int = 1000, per_class: int = 8, num_classes: int = 10,
-                 cfg_scale: float = 2.0, temperature: float = 1.0, seed: int = 0):
+                 sampling: SamplingConfig = GRID_SAMPLING, seed: int = 0):
         self.tokenizer_path = tokenizer
         self.every_n_steps = every_n_steps
         self.per_class, self.num_classes = per_class, num_classes
-        self.sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature)
+        self.sampling = sampling
         self.seed = seed
         self._tokenizer = None
 

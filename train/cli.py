@@ -1,11 +1,10 @@
-"""LightningCLI entry points, one per trainable stage: `python -m train <stage> <fit|validate|...> ...`;
-`python -m train study ...` hands over to the study runner (`train/study.py`).
+"""LightningCLI entry points, one per trainable stage: `python -m train <stage> <fit|validate|...> ...`.
 
 Stages map to a LightningModule; the data module is chosen in YAML by `class_path` (subclass mode), so a
 new data source is a new class, not a new flag. Every run saves its resolved config beside its logs.
 A checkpoint restored with `--ckpt_path` is read with `weights_only=True` unless the command line or a
 config says `--weights_only false` (Lightning otherwise defers to torch, whose default was False before 2.6).
-Checkpoints and the saved `config.yaml` are written atomically (`train.checkpoint_io`): a job killed or out
+Checkpoints and the saved `config.yaml` are written atomically (`train.checkpoints`): a job killed or out
 of disk space mid-save leaves the previous `last.ckpt` intact for `--ckpt_path last`.
 """
 
@@ -17,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from tokenizers_vq.checkpoint import atomic_write_text
-from train.checkpoint_io import use_atomic_checkpoints
+from tokenizers_vq.files import atomic_write_text
+from train.checkpoints import use_atomic_checkpoints
 
 
 def _tokenizer_module() -> type[L.LightningModule]:
@@ -77,20 +77,16 @@ def run_stage(stage: str, args: list[str]) -> LightningCLI:
     """Run LightningCLI for `stage` with command-line `args` (e.g. `["fit", "--config", "x.yaml"]`)."""
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each config field's docstring
     return _CLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=with_safe_loading(args),
-                save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True})
+                save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": f"python -m train {stage}"})
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: python -m train <stage> <fit|validate|test|predict> --config <yaml> [overrides]\n"
-              f"stages: {', '.join(sorted(STAGES))}\n"
-              "       python -m train study --config configs/study/<name>.yaml   (train/study.py)")
-        return
-    if argv[0] == "study":
-        from train.study import main as study_main
-
-        study_main(argv[1:])
+              f"stages: {', '.join(sorted(STAGES))}; `python -m train <stage> --help` lists every option")
         return
     run_stage(argv[0], argv[1:])

@@ -5,9 +5,9 @@ no weight decay, absent when frozen); constant or warmup + cosine schedule; logs
 and, per Engram layer, the mean and spread of the gate; `flops_per_batch` is what the configs' callback
 `train.throughput.TokenThroughput` turns into tokens/s, FLOP/s and MFU. Gradient clipping and precision are
 Trainer settings; EMA is Lightning's `EMAWeightAveraging` callback (its weights are what checkpoints hold
-and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/token_data.py`.
+and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/data/tokens.py`.
 A non-finite loss stops training with an error naming the step and batch before any checkpoint is written
-from the broken weights (`train.finite_guard`).
+from the broken weights (`train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from engram_vision.budget import flops_per_token
 from engram_vision.config import ModelConfig
 from engram_vision.model import EngramGPT
 from engram_vision.param_groups import adamw
-from train.finite_guard import GuardedCheckpoints, LossGuard
+from train.checkpoints import GuardedCheckpoints, LossGuard
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
@@ -39,10 +39,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_rat
 
 
 class LitAR(GuardedCheckpoints, L.LightningModule):
-    """Trains `EngramGPT(model)` to predict image tokens given the class.
+    """Trains `EngramGPT(gpt)` (the module's `model`) to predict image tokens given the class.
 
     Args:
-        model: the Transformer (and Engram) configuration.
+        gpt: the Transformer (and Engram) configuration; YAML `model.gpt.*`.
         lr: AdamW learning rate of the backbone (tables get lr x table_lr_multiplier).
         betas: AdamW betas (LlamaGen: 0.9, 0.95).
         weight_decay: on matrices and embeddings (LlamaGen: 0.05); norms and tables get their own.
@@ -55,24 +55,24 @@ class LitAR(GuardedCheckpoints, L.LightningModule):
             EngramConfig.code_map is set.
     """
 
-    config_name = "model"  # the hyper-parameter holding the model configuration
+    config_name = "gpt"  # the hyper-parameter holding the model configuration
 
-    def __init__(self, model: ModelConfig = ModelConfig(), lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
+    def __init__(self, gpt: ModelConfig = ModelConfig(), lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
                  weight_decay: float = 0.05, schedule: Literal["constant", "cosine"] = "constant",
                  warmup_steps: int = 0, total_steps: int | None = None, min_lr_ratio: float = 0.0,
                  compile: bool = False, code_map_tokenizer: str | None = None):
         super().__init__()
         # Checkpoints are read with weights_only=True: hyper-parameters are stored as plain data.
-        model = ModelConfig(**model) if isinstance(model, Mapping) else model
+        gpt = ModelConfig(**gpt) if isinstance(gpt, Mapping) else gpt
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError("LitAR: need lr > 0, weight_decay >= 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
-        self.save_hyperparameters({"model": model.to_dict(), "lr": lr, "betas": tuple(betas),
+        self.save_hyperparameters({"gpt": gpt.to_dict(), "lr": lr, "betas": tuple(betas),
                                    "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
                                    "total_steps": total_steps, "min_lr_ratio": min_lr_ratio, "compile": compile,
                                    "code_map_tokenizer": code_map_tokenizer})
-        self.model = EngramGPT(model)
+        self.model = EngramGPT(gpt)
         if compile:
-            if model.engram is not None and model.engram.table_device == "host":
+            if gpt.engram is not None and gpt.engram.table_device == "host":
                 raise ValueError("LitAR: compile=True cannot trace host tables (EngramConfig.table_device='host' "
                                  "reads rows through the host); set table_device='device' or compile=False")
             self.model.compile()
@@ -102,7 +102,7 @@ class LitAR(GuardedCheckpoints, L.LightningModule):
                 continue
             theirs = tuple(theirs) if name == "grid" else theirs
             if theirs != ours:
-                raise ValueError(f"model.{name}={ours} does not match the token data's {name}={theirs}")
+                raise ValueError(f"model.gpt.{name}={ours} does not match the token data's {name}={theirs}")
         hp = self.hparams
         if stage == "fit" and hp.code_map_tokenizer and config.engram is not None and config.engram.code_map:
             from engram_vision.code_map import fit_code_map

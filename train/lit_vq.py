@@ -6,7 +6,7 @@ discriminator, gradient clipping, and validation metrics (PSNR, codebook usage a
 EMA is Lightning's `EMAWeightAveraging` callback (with `use_buffers: false`, so the code ring buffer and
 the step counter are never averaged); the reconstruction grid and metrics.json are `train/callbacks.py`.
 A non-finite generator or discriminator loss stops training with an error naming the step and batch before
-any checkpoint is written from the broken weights (`train.finite_guard`).
+any checkpoint is written from the broken weights (`train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tokenizers_vq.config import VQConfig
 from tokenizers_vq.losses import VQLoss, VQLossConfig
 from tokenizers_vq.model import VQModel
 from tokenizers_vq.quantizer import codebook_stats
-from train.finite_guard import GuardedCheckpoints, LossGuard
+from train.checkpoints import GuardedCheckpoints, LossGuard
 
 
 def psnr(reconstructions: Tensor, images: Tensor) -> Tensor:

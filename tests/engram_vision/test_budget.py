@@ -4,7 +4,6 @@ against hand calculations, and the rho solver at the study's rhos for GPT-B's bu
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 
@@ -21,7 +20,6 @@ from engram_vision.budget import (
     budget_table,
     count_parameters,
     flops_per_token,
-    main,
     solve_budget,
 )
 from engram_vision.config import EngramConfig, ModelConfig, model_config
@@ -162,15 +160,10 @@ def test_impossible_budgets() -> None:
         Family(vary="heads")  # type: ignore[arg-type]
 
 
-def test_budget_table_and_main(capsys: pytest.CaptureFixture[str]) -> None:
+def test_budget_table() -> None:
     rows = budget_table(GPT_B_TOTAL, (0.3, 0.9), model_config("gpt-b"), STUDY_ENGRAM, WIDTH)
     assert [row["rho"] for row in rows] == [0.3, 0.9]
     for row in rows:
         assert row["total"] == row["backbone"] + row["memory"] and abs(row["error"]) <= 0.01
         assert abs(row["achieved_rho"] - row["rho"]) <= 0.01
-    main()
-    lines = capsys.readouterr().out.splitlines()
-    records = [json.loads(line) for line in lines if line.startswith("{")]
-    assert [r["rho"] for r in records] == [*STUDY_RHOS, 1.0]
-    assert records[-1]["total"] == GPT_B_TOTAL and records[-1]["rows_per_head"] is None
-    assert sum(line.startswith("| ") for line in lines) == len(records) + 1  # header + one row per rho
+

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import model_factories as helpers
 import pytest
 import torch
 
@@ -25,13 +24,13 @@ def test_llamagen_file_with_namespace_and_rebuilt_buffers_loads(reference_dir, t
     assert float((logits - expected["logits"]).abs().max()) < 1e-5 * float(expected["logits"].abs().max())
 
 
-def test_llamagen_file_into_an_engram_config_names_the_missing_keys(reference_dir):
+def test_llamagen_file_into_an_engram_config_names_the_missing_keys(tiny_config, reference_dir):
     with pytest.raises(ValueError, match="missing: layers.0.engram"):
-        load_llamagen_gpt(reference_dir / "gpt_tiny.pt", helpers.tiny_config())
+        load_llamagen_gpt(reference_dir / "gpt_tiny.pt", tiny_config())
 
 
-def test_safetensors_round_trip_keeps_hash_constants_and_outputs(tmp_path):
-    model = helpers.random_model(helpers.tiny_config())
+def test_safetensors_round_trip_keeps_hash_constants_and_outputs(random_model, tiny_config, tmp_path):
+    model = random_model(tiny_config())
     save_gpt(model, tmp_path / "gpt")
     loaded = load_any_gpt(tmp_path / "gpt")
     assert loaded.config == model.config
@@ -44,12 +43,12 @@ def test_safetensors_round_trip_keeps_hash_constants_and_outputs(tmp_path):
         load_gpt(tmp_path)
 
 
-def test_export_with_separate_key_and_value_projections_still_loads(tmp_path):
+def test_export_with_separate_key_and_value_projections_still_loads(random_model, tiny_config, tmp_path):
     """An export written before the key/value projections were fused: the checked load lets the model's
     load hook convert it instead of refusing the old key names."""
     from safetensors.torch import save_file
 
-    model = helpers.random_model(helpers.tiny_config())
+    model = random_model(tiny_config())
     save_gpt(model, tmp_path)
     old = {}
     for name, tensor in model.state_dict().items():

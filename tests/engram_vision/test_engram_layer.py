@@ -1,4 +1,4 @@
-"""EngramMemory's arithmetic against the spec written out with plain modules (DESIGN.md section 3): the
+"""EngramMemory's arithmetic against the spec written out with plain modules (docs/engram2d.md): the
 fused gate score equals sigmoid(signed_sqrt(<RMSNorm_q(h), RMSNorm_k(W_K e)> / sqrt(dim))), the conv tail
 equals a causal nn.Conv1d (values and gradients, both code paths of `causal_depthwise`), and RMSNorm's
 one-call float32 path equals its written-out arithmetic."""

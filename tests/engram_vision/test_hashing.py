@@ -155,7 +155,7 @@ print(digest.hexdigest())
 def test_deterministic_across_processes() -> None:
     namespace: dict = {}
     with redirect_stdout(StringIO()) as here:
-        exec(_DIGEST_SCRIPT, namespace)
+        exec(_DIGEST_SCRIPT, namespace)  # noqa: S102  this file's own constant script
     # Another process with another string-hash seed must agree (no set/dict-order or RNG-state leaks).
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     there = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], cwd=REPO, env=env, capture_output=True,

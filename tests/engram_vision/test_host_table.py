@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import model_factories as helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,10 +17,11 @@ from sample.generate import compiled_decoder, generate
 from sample.sampling import SamplingConfig
 
 
-def _device_and_host_models() -> tuple[EngramGPT, EngramGPT]:
+@pytest.fixture
+def device_and_host_models(random_model, tiny_config, tiny_engram) -> tuple[EngramGPT, EngramGPT]:
     """A random model with on-device tables, and the same weights in a model with host tables."""
-    on_device = helpers.random_model(helpers.tiny_config(class_dropout_prob=0.1))
-    host_config = helpers.tiny_config(replace(helpers.TINY_ENGRAM, table_device="host"), class_dropout_prob=0.1)
+    on_device = random_model(tiny_config(class_dropout_prob=0.1))
+    host_config = tiny_config(replace(tiny_engram, table_device="host"), class_dropout_prob=0.1)
     on_host = EngramGPT(host_config).eval()
     on_host.load_state_dict(on_device.state_dict())
     assert all(isinstance(memory.table, HostTable) for memory in on_host.engram_layers())
@@ -34,8 +34,8 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, torch.tensor([0, 3, 7])
 
 
-def test_host_tables_give_the_same_logits_gradients_and_adamw_step():
-    on_device, on_host = _device_and_host_models()
+def test_host_tables_give_the_same_logits_gradients_and_adamw_step(device_and_host_models):
+    on_device, on_host = device_and_host_models
     tokens, labels = _batch()
     initial_table = on_host.engram_layers()[0].table.weight.detach().clone()
     losses, tables = [], []
@@ -60,16 +60,16 @@ def test_host_tables_give_the_same_logits_gradients_and_adamw_step():
     assert 0 < int(moved.sum()) < moved.numel()
 
 
-def test_host_tables_decode_the_same_tokens_with_cfg_and_conv_tail():
-    on_device, on_host = _device_and_host_models()
+def test_host_tables_decode_the_same_tokens_with_cfg_and_conv_tail(device_and_host_models):
+    on_device, on_host = device_and_host_models
     labels = torch.tensor([1, 2, 3])
     sampling = SamplingConfig(cfg_scale=2.0, top_k=20)
     expected = generate(on_device, labels, sampling, torch.Generator().manual_seed(0))
     assert torch.equal(generate(on_host, labels, sampling, torch.Generator().manual_seed(0)), expected)
 
 
-def test_moving_the_model_leaves_host_tables_on_the_host_and_changes_their_dtype():
-    _, on_host = _device_and_host_models()
+def test_moving_the_model_leaves_host_tables_on_the_host_and_changes_their_dtype(device_and_host_models):
+    _, on_host = device_and_host_models
     table = on_host.engram_layers()[0].table.weight
     values = table.detach().clone()
     on_host.to("meta")  # a device every machine has: everything else moves, the table must not
@@ -80,14 +80,14 @@ def test_moving_the_model_leaves_host_tables_on_the_host_and_changes_their_dtype
     assert table.dtype == torch.float64 and torch.equal(table.detach(), values.double())
 
 
-def test_host_tables_refuse_compiled_decoding_with_a_clear_error():
-    _, on_host = _device_and_host_models()
+def test_host_tables_refuse_compiled_decoding_with_a_clear_error(device_and_host_models):
+    _, on_host = device_and_host_models
     with pytest.raises(ValueError, match="table_device='host'.*compile"):
         compiled_decoder(on_host, "cpu")
 
 
-def test_checkpoints_with_separate_key_and_value_projections_still_load():
-    model = helpers.random_model(helpers.tiny_config())
+def test_checkpoints_with_separate_key_and_value_projections_still_load(random_model, tiny_config):
+    model = random_model(tiny_config())
     old_format = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("key_value_proj.weight"):
@@ -103,8 +103,8 @@ def test_checkpoints_with_separate_key_and_value_projections_still_load():
 
 
 @pytest.mark.gpu
-def test_host_tables_on_a_gpu_stay_pinned_and_match_on_device_tables():
-    on_device, on_host = _device_and_host_models()
+def test_host_tables_on_a_gpu_stay_pinned_and_match_on_device_tables(device_and_host_models):
+    on_device, on_host = device_and_host_models
     on_device, on_host = on_device.cuda(), on_host.cuda()
     table = on_host.engram_layers()[0].table.weight
     assert table.device.type == "cpu" and table.is_pinned()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import model_factories as helpers
 import pytest
 import torch
 
@@ -48,11 +47,11 @@ def test_llamagen_key_shape_table_and_counts(reference_dir, name, size, count):
 
 
 @pytest.mark.parametrize("mode", ["2d", "raster"])
-def test_cache_equals_full_forward_with_engram_conv_and_cfg_batch(mode):
-    engram = helpers.TINY_ENGRAM if mode == "2d" else dataclasses.replace(
-        helpers.TINY_ENGRAM, mode="raster", neighborhoods=((1, 2), (1, 4, 5)))
-    config = helpers.tiny_config(dataclasses.replace(engram, hash_label=True))
-    model = helpers.random_model(config)
+def test_cache_equals_full_forward_with_engram_conv_and_cfg_batch(random_model, tiny_config, tiny_engram, mode):
+    engram = tiny_engram if mode == "2d" else dataclasses.replace(
+        tiny_engram, mode="raster", neighborhoods=((1, 2), (1, 4, 5)))
+    config = tiny_config(dataclasses.replace(engram, hash_label=True))
+    model = random_model(config)
     tokens = torch.randint(0, config.vocab_size, (3, config.block_size))
     labels = torch.tensor([1, 4, 7])
     # The CFG batch: conditional rows then the same sequences under the null label.
@@ -67,9 +66,9 @@ def test_cache_equals_full_forward_with_engram_conv_and_cfg_batch(mode):
     assert torch.allclose(incremental, full, atol=1e-5, rtol=1e-5), (incremental - full).abs().max()
 
 
-def test_later_tokens_never_change_earlier_logits():
-    config = helpers.tiny_config()
-    model = helpers.random_model(config)
+def test_later_tokens_never_change_earlier_logits(random_model, tiny_config):
+    config = tiny_config()
+    model = random_model(config)
     tokens = torch.randint(0, config.vocab_size, (2, config.block_size - 1))
     labels = torch.tensor([3, 5])
     with torch.no_grad():
@@ -83,9 +82,9 @@ def test_later_tokens_never_change_earlier_logits():
             assert not torch.equal(other[:, t + 1:], base[:, t + 1:])
 
 
-def test_constant_gate_zero_is_exactly_the_baseline():
-    config = helpers.tiny_config()
-    model = helpers.random_model(config)
+def test_constant_gate_zero_is_exactly_the_baseline(random_model, tiny_config):
+    config = tiny_config()
+    model = random_model(config)
     baseline = EngramGPT(dataclasses.replace(config, engram=None)).eval()
     baseline.load_state_dict({k: v for k, v in model.state_dict().items() if ".engram." not in k})
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([0, 9])
@@ -95,9 +94,9 @@ def test_constant_gate_zero_is_exactly_the_baseline():
         assert not torch.equal(model(tokens, labels), baseline(tokens, labels))
 
 
-def test_frozen_table_gets_no_gradient_and_no_optimizer_group():
-    config = helpers.tiny_config(dataclasses.replace(helpers.TINY_ENGRAM, table="frozen"))
-    model = helpers.random_model(config).train()
+def test_frozen_table_gets_no_gradient_and_no_optimizer_group(random_model, tiny_config, tiny_engram):
+    config = tiny_config(dataclasses.replace(tiny_engram, table="frozen"))
+    model = random_model(config).train()
     model(torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])).square().mean().backward()
     for memory in model.engram_layers():
         assert memory.table.weight.grad is None and memory.key_value_proj.weight.grad is not None
@@ -105,8 +104,8 @@ def test_frozen_table_gets_no_gradient_and_no_optimizer_group():
     assert "engram_tables" not in groups
 
 
-def test_param_groups_hold_exactly_the_tables_at_five_times_lr():
-    model = helpers.random_model(helpers.tiny_config())
+def test_param_groups_hold_exactly_the_tables_at_five_times_lr(random_model, tiny_config):
+    model = random_model(tiny_config())
     groups = {g["name"]: g for g in param_groups(model, lr=1e-4, weight_decay=0.05)}
     tables = {id(m.table.weight) for m in model.engram_layers()}
     assert {id(p) for p in groups["engram_tables"]["params"]} == tables
@@ -117,8 +116,8 @@ def test_param_groups_hold_exactly_the_tables_at_five_times_lr():
     assert counted == len(list(model.parameters()))  # every trainable parameter exactly once
 
 
-def test_adamw_is_fused_and_steps_like_the_reference_loop():
-    models = [helpers.random_model(helpers.tiny_config()) for _ in range(2)]  # eval: no random label drop
+def test_adamw_is_fused_and_steps_like_the_reference_loop(random_model, tiny_config):
+    models = [random_model(tiny_config()) for _ in range(2)]  # eval: no random label drop
     fused = adamw(models[0], 1e-2, (0.9, 0.95), 0.05)
     loop = torch.optim.AdamW(param_groups(models[1], 1e-2, 0.05), lr=1e-2, betas=(0.9, 0.95), foreach=False)
     assert fused.defaults["fused"] and [g["name"] for g in fused.param_groups] == ["decay", "no_decay", "engram_tables"]
@@ -130,7 +129,7 @@ def test_adamw_is_fused_and_steps_like_the_reference_loop():
             optimizer.step()
     for (name, got), want in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    assert not torch.equal(models[0].layers[0].engram.table.weight, helpers.random_model(helpers.tiny_config())
+    assert not torch.equal(models[0].layers[0].engram.table.weight, random_model(tiny_config())
                            .layers[0].engram.table.weight)  # the tables did move
 
 
@@ -138,8 +137,8 @@ def _snapshot(model: EngramGPT) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_interventions_change_what_they_should_and_nothing_else():
-    model = helpers.random_model(helpers.tiny_config())
+def test_interventions_change_what_they_should_and_nothing_else(random_model, tiny_config):
+    model = random_model(tiny_config())
     before = _snapshot(model)
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
     with torch.no_grad():
@@ -161,14 +160,14 @@ def test_interventions_change_what_they_should_and_nothing_else():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
 
 
-def test_bad_inputs_and_configs_name_the_problem():
-    model = helpers.random_model(helpers.tiny_config())
+def test_bad_inputs_and_configs_name_the_problem(random_model, tiny_config):
+    model = random_model(tiny_config())
     with pytest.raises(ValueError, match="labels must lie in"):
         model(torch.zeros(1, 3, dtype=torch.long), torch.tensor([11]))
     with pytest.raises(ValueError, match="tokens must lie in"):
         model(torch.full((1, 3), 64), torch.tensor([0]))
     with pytest.raises(ValueError, match="beyond the model depth"):
-        helpers.tiny_config(EngramConfig(layers=(5,)))
+        tiny_config(EngramConfig(layers=(5,)))
     with pytest.raises(ValueError, match="causal half-plane"):
         EngramConfig(neighborhoods=(("L", "0,1"),))
     with pytest.raises(ValueError, match="does not match block_size"):
@@ -177,11 +176,11 @@ def test_bad_inputs_and_configs_name_the_problem():
         EngramConfig(gate=1.5)
 
 
-def test_code_map_from_kmeans_changes_hashing_and_survives_cache():
+def test_code_map_from_kmeans_changes_hashing_and_survives_cache(random_model, tiny_config, tiny_engram):
     from engram_vision.code_map import fit_code_map
 
-    config = helpers.tiny_config(dataclasses.replace(helpers.TINY_ENGRAM, code_map=8))
-    model = helpers.random_model(config)
+    config = tiny_config(dataclasses.replace(tiny_engram, code_map=8))
+    model = random_model(config)
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
     with torch.no_grad():
         identity_like = model(tokens, labels)

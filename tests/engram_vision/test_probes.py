@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import model_factories as helpers
 import numpy as np
 import pytest
 import torch
@@ -29,8 +28,8 @@ def _images(count: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randint(0, 64, (count, GRID), generator=generator), torch.arange(count) % 4
 
 
-def test_identical_inputs_and_self_donor_give_zero_kl():
-    model = helpers.random_model(helpers.tiny_config())
+def test_identical_inputs_and_self_donor_give_zero_kl(random_model, tiny_config):
+    model = random_model(tiny_config())
     tokens, labels = _images()
     donors, distance = choose_donors(tokens, labels, "self", torch.Generator())
     probes = {"same": Probe(), "self": Probe(donor_tokens=tokens[donors], donor_labels=labels[donors]),
@@ -48,8 +47,8 @@ def test_identical_inputs_and_self_donor_give_zero_kl():
     assert torch.allclose(nll, expected.double(), atol=1e-5)
 
 
-def test_gate_clamp_zero_equals_the_gate_switched_off_and_restores_the_model():
-    model = helpers.random_model(helpers.tiny_config())
+def test_gate_clamp_zero_equals_the_gate_switched_off_and_restores_the_model(random_model, tiny_config):
+    model = random_model(tiny_config())
     tokens, labels = _images(8)
     _, scores = score_probes(model, tokens, labels, {"g0": Probe(context=lambda: gate_clamped(model, 0.0))})
     off, _ = score_probes(with_gate(model, "off"), tokens, labels, {})
@@ -83,19 +82,20 @@ def test_donors_are_the_nearest_farthest_and_random_exemplars():
                       torch.Generator())
 
 
-def _memory_driven_model() -> torch.nn.Module:
+@pytest.fixture
+def memory_driven_model(random_model, tiny_config, tiny_engram) -> torch.nn.Module:
     """A model whose next-token distribution is dominated by its Engram rows: gate clamped at 1, value
     projection large, memory at the first block."""
-    engram = replace(helpers.TINY_ENGRAM, layers=(0,), gate=1.0, use_conv=False)
-    model = helpers.random_model(helpers.tiny_config(engram))
+    engram = replace(tiny_engram, layers=(0,), gate=1.0, use_conv=False)
+    model = random_model(tiny_config(engram))
     with torch.no_grad():
         memory = model.engram_layers()[0]
         memory.key_value_proj.weight[memory.dim:].mul_(200.0)  # W_V rows
     return model
 
 
-def test_collapse_moves_the_distribution_more_than_a_near_donor():
-    model = _memory_driven_model()
+def test_collapse_moves_the_distribution_more_than_a_near_donor(memory_driven_model):
+    model = memory_driven_model
     # Each class: one prototype, its images differ from it in one random cell (near neighbours exist).
     generator = torch.Generator().manual_seed(1)
     prototypes = torch.randint(0, 64, (4, GRID), generator=generator)
@@ -121,9 +121,9 @@ def test_collapse_moves_the_distribution_more_than_a_near_donor():
     json.dumps(result, allow_nan=False)  # JSON-ready
 
 
-def test_run_probes_on_a_learned_gate_model_and_on_a_baseline():
+def test_run_probes_on_a_learned_gate_model_and_on_a_baseline(random_model, tiny_config):
     tokens, labels = _images(16)
-    model = helpers.random_model(helpers.tiny_config())
+    model = random_model(tiny_config())
     config = ProbeConfig(donors=("self", "random_same"), interventions=("randomize",), bootstrap_samples=200,
                          permutations=200)
     result = run_probes(model, tokens, labels, config)
@@ -140,7 +140,7 @@ def test_run_probes_on_a_learned_gate_model_and_on_a_baseline():
     assert run_probes(model, tokens, labels, config) == result
     assert all(torch.equal(a, b) for a, b in zip(before, collapsed_tables(model).values(), strict=True))
 
-    baseline = helpers.random_model(helpers.tiny_config(engram=None))
+    baseline = random_model(tiny_config(engram=None))
     plain = run_probes(baseline, tokens, labels, config)
     assert plain["gate_sweep"] == [] and plain["donors"] == {} and plain["interventions"] == {}
     assert plain["nll_bits"]["low"] <= plain["nll_bits"]["mean"] <= plain["nll_bits"]["high"]
@@ -148,11 +148,11 @@ def test_run_probes_on_a_learned_gate_model_and_on_a_baseline():
         ProbeConfig(donors=("closest",))
 
 
-def test_donor_labels_matter_only_for_class_hashed_memory():
+def test_donor_labels_matter_only_for_class_hashed_memory(random_model, tiny_config, tiny_engram):
     tokens, labels = _images(4)
     others = (labels + 1) % 4
     for hash_label in (False, True):
-        model = helpers.random_model(helpers.tiny_config(replace(helpers.TINY_ENGRAM, hash_label=hash_label)))
+        model = random_model(tiny_config(replace(tiny_engram, hash_label=hash_label)))
         with torch.no_grad():
             reference = model(tokens[:, :-1], labels)
             swapped = model(tokens[:, :-1], labels, engram_tokens=tokens[:, :-1], engram_labels=others)

@@ -21,13 +21,12 @@ from metrics.domain import (
     DigitsFeatureExtractor,
     class_accuracy,
     load_domain_classifier,
-    main,
     save_domain_classifier,
-    train_domain_classifier,
 )
 from metrics.features import build_extractor
-from tokenizers_vq.checkpoint import file_sha256
-from train.digits import NUM_CLASSES, digits_split
+from study.domain_classifier import train_classifier, train_domain_classifier
+from tokenizers_vq.files import file_sha256
+from train.data.digits import NUM_CLASSES, digits_split
 
 
 class _UInt8Images(Dataset):
@@ -106,7 +105,7 @@ def test_save_load_round_trip(weights: Path, val: tuple[torch.Tensor, torch.Tens
 
 def test_missing_weights_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*config\.json.*python -m metrics\.domain"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*config\.json.*python -m study classifier"):
         load_domain_classifier(missing)
     (missing).mkdir()
     (missing / "config.json").write_text("{}")
@@ -114,7 +113,7 @@ def test_missing_weights_name_the_file(tmp_path: Path) -> None:
         load_domain_classifier(missing / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="feature_extractor_weights_path"):
         DigitsFeatureExtractor(FIDELITY_NAME, ["features"])
-    with pytest.raises(FileNotFoundError, match="python -m metrics.domain"):
+    with pytest.raises(FileNotFoundError, match="python -m study classifier"):
         build_extractor(FIDELITY_NAME)
 
 
@@ -158,7 +157,7 @@ def test_torch_fidelity_fid_and_is(weights: Path, val: tuple[torch.Tensor, torch
 
 
 def test_command_trains_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    accuracy = main(out=str(tmp_path / "cli"), epochs=1, seed=0)
+    accuracy = train_classifier(out=str(tmp_path / "cli"), epochs=1, seed=0)
     assert (tmp_path / "cli" / "model.safetensors").is_file() and 0.0 <= accuracy <= 1.0
     assert "val accuracy" in capsys.readouterr().out
 
@@ -168,21 +167,23 @@ def test_evaluate_reports_class_accuracy_and_domain_fid(weights: Path, tmp_path:
     shuffled labels (samples that ignore their class) score near chance."""
     import numpy as np
 
-    from metrics.evaluate import evaluate
+    from metrics.evaluate import EvaluateConfig, evaluate
 
     images, labels = digits_split("val")
     train_images, _ = digits_split("train")
     np.savez(tmp_path / "reference.npz", arr_0=train_images)
     (tmp_path / "real").mkdir()
     np.savez(tmp_path / "real" / "samples.npz", arr_0=images, labels=labels)
-    report = evaluate(str(tmp_path / "real"), str(tmp_path / "reference.npz"), extractor="digits-classifier",
-                      weights=str(weights.parent), metrics="fid,is,acc", device="cpu", cache_dir=str(tmp_path))
+    report = evaluate(EvaluateConfig(str(tmp_path / "reference.npz"), str(tmp_path / "real"),
+                                     extractor="digits-classifier", weights=str(weights.parent), metrics="fid,is,acc",
+                                     accelerator="cpu", cache_dir=str(tmp_path)))
     assert report["metrics"]["class_accuracy"] >= 0.95
     assert 0 <= report["metrics"]["fid"] < 20 and report["extractor"]["name"] == "digits-classifier"
     (tmp_path / "shuffled").mkdir()
     np.savez(tmp_path / "shuffled" / "samples.npz", arr_0=images, labels=np.random.default_rng(0).permutation(labels))
-    shuffled = evaluate(str(tmp_path / "shuffled"), str(tmp_path / "reference.npz"), extractor="digits-classifier",
-                        weights=str(weights.parent), metrics="acc", device="cpu", cache_dir=str(tmp_path))
+    shuffled = evaluate(EvaluateConfig(str(tmp_path / "reference.npz"), str(tmp_path / "shuffled"),
+                                       extractor="digits-classifier", weights=str(weights.parent), metrics="acc",
+                                       accelerator="cpu", cache_dir=str(tmp_path)))
     assert shuffled["metrics"]["class_accuracy"] < 0.3
 
 

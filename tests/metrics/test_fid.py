@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_png
 
-from metrics.evaluate import evaluate
+from metrics.evaluate import EvaluateConfig, evaluate
 from metrics.features import INCEPTION_WEIGHTS_FILE, FeatureExtractor, build_extractor, register_extractor
 from metrics.fid import FeatureStats, feature_stats, frechet_distance
 from metrics.reference import load_reference
@@ -151,8 +151,8 @@ def _sample_dir(tmp_path: Path) -> Path:
 def test_evaluate_writes_provenance_and_runs_torch_fidelity_metrics(tmp_path: Path) -> None:
     samples = _sample_dir(tmp_path)
     np.savez(tmp_path / "ref.npz", arr_0=_images(32, 5))
-    report = evaluate(str(samples), str(tmp_path / "ref.npz"), extractor="fake-test", device="cpu",
-                      cache_dir=str(tmp_path / "cache"), isc_splits=2)
+    report = evaluate(EvaluateConfig(str(tmp_path / "ref.npz"), str(samples), extractor="fake-test",
+                                     accelerator="cpu", cache_dir=str(tmp_path / "cache"), isc_splits=2))
     on_disk = json.loads((samples / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     m = on_disk["metrics"]
@@ -173,8 +173,8 @@ def test_evaluate_with_stats_only_reference_is_fid_only(tmp_path: Path) -> None:
     feats = fx.features(torch.from_numpy(_images(32, 5)).permute(0, 3, 1, 2)).numpy()
     FeatureStats.from_features(feats).save_npz(tmp_path / "adm_ref.npz")
     out = tmp_path / "m.json"
-    report = evaluate(str(samples), str(tmp_path / "adm_ref.npz"), extractor="fake-test", metrics="fid,kid,prc",
-                      out=str(out), device="cpu")
+    report = evaluate(EvaluateConfig(str(tmp_path / "adm_ref.npz"), str(samples), extractor="fake-test",
+                                     metrics="fid,kid,prc", out=str(out), accelerator="cpu"))
     assert set(report["metrics"]) == {"fid"} and set(report["skipped"]) == {"kid", "prc"}
     assert report["reference"]["kind"] == "npz-stats" and "note" in report["reference"]
     assert json.loads(out.read_text())["metrics"]["fid"] == pytest.approx(report["metrics"]["fid"])
@@ -201,8 +201,8 @@ def test_cli_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
 
     samples = _sample_dir(tmp_path)
     _write_png_folder(_images(30, 8), tmp_path / "ref")
-    monkeypatch.setattr("sys.argv", ["metrics", "--samples", str(samples), "--reference", str(tmp_path / "ref"),
-                                     "--extractor", "fake-test", "--metrics", "fid,kid", "--device", "cpu",
+    monkeypatch.setattr("sys.argv", ["metrics", "evaluate", "--samples", str(samples), "--reference", str(tmp_path / "ref"),
+                                     "--extractor", "fake-test", "--metrics", "fid,kid", "--accelerator", "cpu",
                                      "--cache_dir", str(tmp_path / "cache")])
     main()
     printed = json.loads(capsys.readouterr().out)
@@ -219,4 +219,4 @@ def test_domain_extractor_is_found_by_name_in_a_fresh_process():
             "except FileNotFoundError as e:\n    print('missing-weights:', e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     # Reaching the missing-weights error (not 'unknown feature extractor') means the plugin was imported.
-    assert "missing-weights:" in result.stdout and "python -m metrics.domain" in result.stdout, result.stderr
+    assert "missing-weights:" in result.stdout and "python -m study classifier" in result.stdout, result.stderr

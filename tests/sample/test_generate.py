@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import model_factories as helpers
 import pytest
 import torch
 
@@ -49,8 +48,8 @@ def _reference_generate(model, labels, sampling, rng):
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "power-cosine"])
-def test_cached_generation_equals_full_recompute_with_engram_and_cfg(schedule):
-    model = helpers.random_model(helpers.tiny_config(dataclasses.replace(helpers.TINY_ENGRAM, hash_label=True)))
+def test_cached_generation_equals_full_recompute_with_engram_and_cfg(random_model, tiny_config, tiny_engram, schedule):
+    model = random_model(tiny_config(dataclasses.replace(tiny_engram, hash_label=True)))
     labels = torch.tensor([0, 3, 9])
     sampling = SamplingConfig(temperature=1.0, top_k=20, cfg_scale=2.5, cfg_schedule=schedule, cfg_power=2.0)
     with torch.no_grad():
@@ -59,8 +58,8 @@ def test_cached_generation_equals_full_recompute_with_engram_and_cfg(schedule):
     assert torch.equal(cached, reference)
 
 
-def test_seeds_reproduce_and_differ():
-    model = helpers.random_model(helpers.tiny_config())
+def test_seeds_reproduce_and_differ(random_model, tiny_config):
+    model = random_model(tiny_config())
     labels = torch.arange(8) % 10
     sampling = SamplingConfig(cfg_scale=1.5)
     first = generate(model, labels, sampling, torch.Generator().manual_seed(1))
@@ -69,8 +68,8 @@ def test_seeds_reproduce_and_differ():
     assert first.shape == (8, 16) and int(first.max()) < 64
 
 
-def test_cfg_scale_one_is_the_conditional_pass_alone(monkeypatch):
-    model = helpers.random_model(helpers.tiny_config())
+def test_cfg_scale_one_is_the_conditional_pass_alone(random_model, tiny_config, monkeypatch):
+    model = random_model(tiny_config())
     batch_sizes = []
     original = EngramGPT.forward
 
@@ -86,16 +85,16 @@ def test_cfg_scale_one_is_the_conditional_pass_alone(monkeypatch):
     assert torch.equal(greedy, _reference_generate(model, labels, SamplingConfig(greedy=True), torch.Generator()))
 
 
-def test_cfg_needs_a_null_label():
-    model = helpers.random_model(helpers.tiny_config(class_dropout_prob=0.0))
+def test_cfg_needs_a_null_label(random_model, tiny_config):
+    model = random_model(tiny_config(class_dropout_prob=0.0))
     with pytest.raises(ValueError, match="null label"):
         generate(model, torch.tensor([1]), SamplingConfig(cfg_scale=2.0), torch.Generator())
 
 
-def test_compiled_decode_gives_the_eager_tokens_and_reads_nothing_back():
+def test_compiled_decode_gives_the_eager_tokens_and_reads_nothing_back(random_model, tiny_config):
     """torch.compile (fullgraph: no graph break, so no host read) on the static cache: same tokens for the
     same seed, with Engram, its conv tail and CFG; a second batch reuses the compiled code."""
-    model = helpers.random_model(helpers.tiny_config())
+    model = random_model(tiny_config())
     labels = torch.tensor([1, 2, 3])
     sampling = SamplingConfig(cfg_scale=2.0, top_k=20)
     eager = generate(model, labels, sampling, torch.Generator().manual_seed(0))

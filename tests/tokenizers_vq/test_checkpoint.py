@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from tokenizers_vq import VQModel, vq_config
-from tokenizers_vq.checkpoint import (
-    load_llamagen_vq,
-    load_tokenizer,
-    load_vq,
-    safe_torch_load,
-    save_vq,
-)
+from tokenizers_vq.checkpoint import load_llamagen_vq, load_tokenizer, load_vq, save_vq
+from tokenizers_vq.files import safe_torch_load
 
 
 class NotAllowed:

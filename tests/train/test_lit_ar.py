@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from engram_vision.checkpoint import load_gpt
 from engram_vision.config import EngramConfig, ModelConfig
+from sample.sampling import SamplingConfig
 from train.callbacks import ExportModel
 from train.lit_ar import LitAR, warmup_cosine
 
@@ -127,7 +128,8 @@ def test_sample_grid_writes_one_row_per_class(tmp_path):
     from train.callbacks import SampleGrid
 
     save_vq(VQModel(vq_config("vq-tiny")), tmp_path / "tok")  # codebook 64 >= vocab 16, 16x16 images
-    grid = SampleGrid(str(tmp_path / "tok"), every_n_steps=2, per_class=3, num_classes=4, cfg_scale=1.5)
+    grid = SampleGrid(str(tmp_path / "tok"), every_n_steps=2, per_class=3, num_classes=4,
+                      sampling=SamplingConfig(cfg_scale=1.5))
     trainer = _trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[grid])
     trainer.fit(LitAR(BASE), Tokens())
     image = Image.open(tmp_path / "samples.png")

@@ -16,7 +16,7 @@ from tokenizers_vq.checkpoint import load_tokenizer
 from tokenizers_vq.discriminator import DiscriminatorConfig
 from tokenizers_vq.losses import VQLossConfig
 from train.cli import run_stage
-from train.image_data import DigitsDataModule
+from train.data.images import DigitsDataModule
 from train.lit_vq import LitVQ, psnr
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,35 @@
+"""`python -m study <run|report|demo|configs|budget|classifier> [--flags] [--config YAML]`: the command line
+of the layer above the stages. Each subcommand is a plain typed function; the work is in the modules named
+here, never in this file."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+from jsonargparse import auto_cli, set_parsing_settings
+
+from study.configs import budget, write_all
+from study.demo import demo
+from study.domain_classifier import train_classifier
+from study.report import build_report
+from study.runner import study
+
+COMMANDS = {"run": study, "report": build_report, "demo": demo, "configs": write_all, "budget": budget,
+            "classifier": train_classifier}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and not any(arg.startswith("--command") for arg in argv):
+        argv += ["--command", "python -m study " + shlex.join(argv)]  # shown in the report
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    result = auto_cli(COMMANDS, args=argv, as_positional=False, prog="python -m study")
+    if argv[:1] in (["report"], ["configs"]):
+        print(result if argv[:1] == ["report"] else "\n".join(map(str, result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

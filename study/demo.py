@@ -1,0 +1,146 @@
+"""`make demo`: the whole pipeline on the embedded digits, stage by stage, skipping stages already finished.
+
+1. the digits VQ tokenizer (configs/vq/digits.yaml) -> runs/demo/vq/ (reconstructions.png, metrics.json,
+   tokenizer/);
+2. token shards of the train and val splits (centre view only: mirrored digits are other glyphs) ->
+   runs/demo/tokens/;
+3. a domain classifier for digits (metrics/domain.py) -> runs/demo/domain_classifier/, the reference
+   images, and the tokenizer's PSNR, SSIM and rFID on the val images -> runs/demo/vq/tokenizer/eval_metrics.json;
+4. the study configs/study/digits.yaml (study/runner.py): the AR baseline, an iso-parameter Engram model at
+   rho 0.5 and the same with its table frozen at N(0,1) (720 steps each; the best val checkpoint is
+   exported) -> runs/demo/ar/<run>/; 1000 class-balanced samples each scored with the domain classifier
+   (FID, IS, KID, precision/recall, class accuracy) -> runs/demo/samples/<run>/; the gate-clamp, donor and
+   table probes on the 297 held-out digits -> runs/demo/probes/<run>/; and the report ->
+   runs/demo/report.md with figures in runs/demo/figures/;
+5. a summary, ending with where the report is.
+Interrupted stages resume (tokenizer and AR from last.ckpt, extraction shard by shard, sampling batch
+by batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from jsonargparse import auto_cli
+
+from study.runner import study
+from train.cli import run_stage
+
+RUN_DIR = Path("runs/demo")
+VQ_CONFIG = "configs/vq/digits.yaml"
+STUDY_CONFIG = "configs/study/digits.yaml"  # its `out` is RUN_DIR
+
+
+def _fit_tokenizer(run_dir: Path) -> dict:
+    """Fit the tokenizer with LightningCLI unless its export exists; resume a half-finished fit."""
+    if not (run_dir / "tokenizer" / "model.safetensors").is_file():
+        args = ["fit", "--config", VQ_CONFIG, "--trainer.logger.init_args.save_dir", str(run_dir)]
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            args += ["--ckpt_path", "last"]
+        run_stage("tokenizer", args)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def extract(run_dir: Path) -> Path:
+    """Token shards of both digits splits with the demo tokenizer (each resumable, skipped when done)."""
+    from train.data.images import DigitsDataModule
+    from train.prepare.extract_tokens import extract_tokens
+
+    tokens = run_dir / "tokens"
+    for split in ("train", "val"):
+        if not (tokens / split / "meta.json").is_file():
+            extract_tokens(str(run_dir / "vq" / "tokenizer"), DigitsDataModule(batch_size=256), str(tokens / split),
+                           split=split, views="center", shard_size=500, batch_size=256, accelerator="cpu", devices=1)
+    return tokens
+
+
+def unigram_entropy_bits(shards: Path) -> float:
+    """Entropy of the code frequencies over all training tokens: what a model ignoring context achieves."""
+    import numpy as np
+
+    from train.data.tokens import token_histogram
+
+    counts = token_histogram(str(shards))
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log2(probs)).sum())
+
+
+def prepare_evaluation(run_dir: Path) -> dict:
+    """The domain classifier, the reference images and the tokenizer's scores (each skipped when done)."""
+    import numpy as np
+
+    from study.domain_classifier import train_domain_classifier
+    from tokenizers_vq.files import atomic_write
+    from train.data.digits import digits_split
+
+    classifier = run_dir / "domain_classifier"
+    if not (classifier / "model.safetensors").is_file():
+        train_domain_classifier(classifier, seed=0)
+    (run_dir / "reference").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        path = run_dir / "reference" / f"digits_{split}.npz"
+        if not path.is_file():
+            images = digits_split(split)[0]
+
+            def write(tmp: str, images: np.ndarray = images) -> None:
+                with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a bare name
+                    np.savez(handle, arr_0=images)
+
+            atomic_write(path, write)
+    tokenizer_report = run_dir / "vq" / "tokenizer" / "eval_metrics.json"
+    if not tokenizer_report.is_file():
+        from metrics.tokenizer_eval import evaluate_tokenizer
+
+        evaluate_tokenizer(str(run_dir / "vq" / "tokenizer"), str(run_dir / "reference" / "digits_val.npz"),
+                           extractor="digits-classifier", weights=str(classifier))
+    return json.loads(tokenizer_report.read_text())
+
+
+def _read(path: Path | None) -> dict:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def summarize(run_dir: Path, entropy: float) -> None:
+    """One line per run of the study: val NLL, sample metrics and the probes' headline numbers."""
+    index = json.loads((run_dir / "study.json").read_text())
+    for entry in index["runs"]:
+        name, rho = entry["name"], entry["rho"]
+        train = _read(run_dir / entry["train_metrics"] if entry["train_metrics"] else None)
+        best = train["best"]["value"] / math.log(2)  # the exported model: best val NLL (nats -> bits)
+        line = f"[demo] {name:<21} rho {rho:.2f}  val NLL {best:.3f} bits ({100 * (1 - best / entropy):.1f}% below unigram)"
+        sample = _read(run_dir / entry["sample_metrics"] if entry["sample_metrics"] else None).get("metrics", {})
+        if sample:
+            line += (f"  FID {sample['fid']:.2f}  IS {sample['inception_score_mean']:.2f}  "
+                     f"class acc {100 * sample['class_accuracy']:.1f}%")
+        probe = _read(run_dir / entry["probe_metrics"] if entry["probe_metrics"] else None)
+        donors, interventions = probe.get("donors", {}), probe.get("interventions", {})
+        if donors and interventions:
+            near, collapse = donors["nearest"]["kl"]["mean"], interventions["collapse"]["kl"]["mean"]
+            sweep = {e["gate"]: e["nll_bits"]["mean"] for e in probe["gate_sweep"]}
+            line += (f"\n[demo] {'':<21} probes: KL nearest donor {near:.3g}, collapse {collapse:.3g} nats; "
+                     f"NLL at gate 0 {sweep[0.0]:.3f}, 0.1 {sweep[0.1]:.3f}, as trained "
+                     f"{probe['nll_bits']['mean']:.3f} bits")
+        print(line)
+
+
+def demo() -> None:
+    """Run the whole pipeline and the study on the embedded digits under runs/demo (finished stages are skipped)."""
+    start = time.perf_counter()
+    vq = _fit_tokenizer(RUN_DIR / "vq")
+    tokens = extract(RUN_DIR)
+    tokenizer_scores = prepare_evaluation(RUN_DIR)["metrics"]
+    # the study YAML parsed exactly as `python -m study run --config` parses it
+    report = auto_cli(study, args=["--config", STUDY_CONFIG, "--command", "make demo"], as_positional=False)
+    entropy = unigram_entropy_bits(tokens / "train")
+
+    m, t = vq["metrics"], tokenizer_scores
+    print(f"\n[demo] tokenizer: val PSNR {m['psnr']:.2f} dB, codebook usage {100 * m['codebook_usage']:.1f}% "
+          f"(perplexity {m['codebook_perplexity']:.1f}); on val: SSIM {t['ssim']:.3f}, domain rFID {t['rfid']:.2f}")
+    print(f"[demo] unigram entropy of the training tokens: {entropy:.3f} bits/token")
+    summarize(RUN_DIR, entropy)
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s; everything is under {RUN_DIR}/")
+    print(f"[demo] report: {report}")
+

@@ -1,0 +1,113 @@
+"""A study's results, loaded once for the report and the figures: the runs listed in `study.json` with the
+JSON files they point to (training, sample and probe metrics) and the accessors both read them through.
+
+Missing results (null paths, files not written yet or being rewritten) load as None, so a report can be
+built at any point of a study. Formatting is `study.report`'s job, drawing `study.figures`'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Source:
+    """A parsed JSON result file and the link to it, relative to the study directory."""
+
+    data: dict[str, Any]
+    href: str
+
+
+@dataclass
+class Run:
+    name: str
+    rho: float | None
+    params: dict[str, Any]
+    engram: dict[str, Any] | None
+    train: Source | None
+    sample: Source | None
+    probe: Source | None
+    samples: Path | None
+
+    @property
+    def kind(self) -> str:
+        """"baseline" (no Engram), "sweep" (learned gate, trainable table) or "variant" (anything else)."""
+        if self.engram is None:
+            return "baseline"
+        learned = self.engram.get("gate") == "learned" and self.engram.get("table") == "trainable"
+        return "sweep" if learned else "variant"
+
+
+def resolve(study_dir: Path, path: str | None) -> tuple[Path, str] | None:
+    """(absolute path, link relative to study_dir) of an existing file, else None."""
+    if not path:
+        return None
+    full = Path(path) if Path(path).is_absolute() else study_dir / path
+    if not full.is_file():
+        return None
+    # resolved on both sides: the runner writes resolved absolute paths, study_dir may go through a symlink
+    return full, Path(os.path.relpath(full.resolve(), study_dir.resolve())).as_posix()
+
+
+def load_source(study_dir: Path, path: str | None) -> Source | None:
+    found = resolve(study_dir, path)
+    if found is None:
+        return None
+    try:
+        return Source(json.loads(found[0].read_text()), found[1])
+    except (OSError, json.JSONDecodeError):  # being rewritten by a running stage: show it as not run yet
+        return None
+
+
+def load_runs(study_dir: Path, study: dict[str, Any]) -> list[Run]:
+    runs = []
+    for r in study.get("runs", []):
+        samples = resolve(study_dir, r.get("samples"))
+        runs.append(Run(r["name"], r.get("rho"), r.get("params") or {}, r.get("engram"),
+                        load_source(study_dir, r.get("train_metrics")), load_source(study_dir, r.get("sample_metrics")),
+                        load_source(study_dir, r.get("probe_metrics")), samples[0] if samples else None))
+    return runs
+
+
+def get(source: Source | None, *keys: str) -> Any:
+    """source.data[k1][k2]..., or None when the file or any key along the way is missing."""
+    value: Any = source.data if source else None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def metric(run: Run, key: str) -> Any:
+    """One sample metric (FID, IS, ...) of a run, None when not computed (skipped, or no sample metrics)."""
+    return get(run.sample, "metrics", key)
+
+
+def val_nll_bits(run: Run) -> float | None:
+    """Best val NLL (nats, as monitored) in bits; the last evaluation's bits/token when no best exists."""
+    best = get(run.train, "best", "value")
+    return best / math.log(2) if is_num(best) else get(run.train, "metrics", "bits_per_token")
+
+
+def is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sweep(r: Run) -> list[dict[str, Any]]:
+    return [p for p in get(r.probe, "gate_sweep") or [] if isinstance(p, dict)]
+
+def kl_rows(r: Run) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, KL stat) for the donor kinds, then the interventions, in file order."""
+    groups = [("donor", get(r.probe, "donors") or {}),
+              ("intervention", get(r.probe, "interventions") or {})]
+    return [(f"{group}: {kind}", entry.get("kl") or {}) for group, entries in groups
+            for kind, entry in entries.items()]
+
+def kl_floor(runs: list[Run]) -> float:
+    """A tenth of the smallest positive KL: exact zeros (a donor equal to the image) stay on a log axis."""
+    values = [v for r in runs for _, s in kl_rows(r) for v in s.values() if is_num(v) and v > 0]
+    return min(values) / 10 if values else 1e-9

@@ -1,0 +1,23 @@
+"""`python -m train.prepare <shards|tokens> [--flags] [--config YAML]`: the command line of the data
+preparation steps, `train.prepare.write_shards.write_shards` (an ImageFolder tree -> webdataset image
+shards) and `train.prepare.extract_tokens.extract_tokens` (images -> token shards). Nothing else lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse import auto_cli, set_parsing_settings
+
+from train.prepare.extract_tokens import extract_tokens
+from train.prepare.write_shards import write_shards
+
+COMMANDS = {"shards": write_shards, "tokens": extract_tokens}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    return auto_cli(COMMANDS, args=argv, as_positional=False, prog="python -m train.prepare")
+
+
+if __name__ == "__main__":
+    main()
