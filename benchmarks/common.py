@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark scripts: the Engram presets, an Engram model and the same backbone without
 Engram (identical weights elsewhere), one training step, one generated batch, timers that synchronise on CUDA
-(`time_paired` alternates variants and compares them round by round), and a description of the machine
-for the JSON.
+(`time_paired` alternates variants and compares them round by round), a description of the machine for
+the JSON, and the flags every script shares (`BenchmarkArgs`, `ModelBenchmarkArgs`: dataclasses that
+`parse_cli` reads from the command line with jsonargparse, one `--field value` per field).
 
 The scripts import this as `common` (run them as `python benchmarks/<name>.py`, which puts this folder on
 the path); it prints nothing and measures nothing itself. Models are `engram_vision`, sampling `sample`.
@@ -15,9 +16,11 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Literal, TypeVar, get_args
 
 import torch
 import torch.nn.functional as F
+from jsonargparse import DefaultHelpFormatter, auto_cli, set_parsing_settings
 
 from engram_vision.config import MODEL_SIZES, EngramConfig, ModelConfig, model_config
 from engram_vision.model import EngramGPT
@@ -32,6 +35,13 @@ PRESETS: dict[str, EngramConfig] = {
     "study": EngramConfig(layers=(1, 6), neighborhoods=(("L", "U"), ("L", "U", "UL", "UR")), heads_per_order=8,
                           head_dim=32, rows_per_head=53714),
 }
+Preset = Literal["small", "study"]  # the names in PRESETS, for the --engram flag
+if set(get_args(Preset)) != set(PRESETS):
+    raise RuntimeError(f"common.Preset {get_args(Preset)} must name the presets {sorted(PRESETS)}")
+Accelerator = Literal["cpu", "cuda", "gpu", "auto"]
+Precision = Literal["32-true", "bf16-true"]
+DTYPES: dict[str, str] = {"32-true": "float32", "bf16-true": "bfloat16"}  # precision -> torch dtype name
+ArgsT = TypeVar("ArgsT", bound="BenchmarkArgs")
 
 
 def engram_preset(name: str, rows_per_head: int | None = None) -> EngramConfig:
@@ -187,30 +197,74 @@ def machine_info(device: str) -> dict[str, object]:
     return info
 
 
-def add_args(parser: argparse.ArgumentParser, *, batch: int, repeats: int, engram: str = "small",
-             model: bool = True) -> None:
-    """The flags every script shares: --grid --batch --engram --rows-per-head --device --repeats --threads,
-    and with `model` also --size --dtype; parse them with `parse_args`."""
-    if model:
-        parser.add_argument("--size", default="gpt-small", help="a name in engram_vision.config.MODEL_SIZES")
-    parser.add_argument("--grid", type=int, default=16, help="token grid side (grid**2 tokens per image)")
-    parser.add_argument("--batch", type=int, default=batch)
-    parser.add_argument("--engram", default=engram, choices=sorted(PRESETS), help="Engram memory preset")
-    parser.add_argument("--rows-per-head", type=int, default=None, help="override the preset's table size")
-    parser.add_argument("--device", default="cpu")
-    if model:
-        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls after one warm-up")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 avoids contention on a loaded machine")
+@dataclasses.dataclass(frozen=True)
+class BenchmarkArgs:
+    """The flags every benchmark shares; each script's dataclass adds its own fields and defaults, and
+    `parse_cli` reads them from the command line."""
+
+    grid: int = 16
+    """Token grid side (grid**2 tokens per image)."""
+    batch: int = 8
+    """Batch size."""
+    engram: Preset = "small"
+    """Engram memory preset (common.PRESETS): small (one small layer) or study (the GPT-B study's memory)."""
+    rows_per_head: int | None = None
+    """Table rows per head, replacing the preset's (None: the preset's)."""
+    accelerator: Accelerator = "cpu"
+    """Where it runs, in Lightning's vocabulary: cpu, cuda or gpu (the first CUDA device), or auto (CUDA
+    when there is one, else cpu)."""
+    repeats: int = 3
+    """Timed calls (rounds) of each variant after one warm-up."""
+    threads: int | None = None
+    """Torch CPU threads (None: torch's default); 1 avoids contention on a loaded machine."""
+
+    @property
+    def device(self) -> str:
+        """The torch device the accelerator names: "cpu" or "cuda" (the value of the JSON's `device`)."""
+        if self.accelerator == "cpu" or (self.accelerator == "auto" and not torch.cuda.is_available()):
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise ValueError(f"accelerator {self.accelerator!r}: no CUDA device is visible; "
+                             "use --accelerator cpu or auto")
+        return "cuda"
+
+    def apply_threads(self) -> None:
+        """Set torch's CPU threads to `threads` (when given); call before building any model."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
 
 
-def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the command line and apply --threads (before any model is built)."""
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    return args
+@dataclasses.dataclass(frozen=True)
+class ModelBenchmarkArgs(BenchmarkArgs):
+    """`BenchmarkArgs` plus the model size and precision, for the scripts that build models."""
+
+    size: str = "gpt-small"
+    """A model size: a name in engram_vision.config.MODEL_SIZES (gpt-small, gpt-b, ...)."""
+    precision: Precision = "32-true"
+    """32-true (float32) or bf16-true (bfloat16), the JSON's `dtype`: the dtype of the weights in
+    decoding; training steps keep fp32 weights and run bf16 autocast (as bf16-mixed training)."""
+
+    @property
+    def dtype_name(self) -> str:
+        """The torch dtype's name, "float32" or "bfloat16" (the value of the JSON's `dtype`)."""
+        return DTYPES[self.precision]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype_name)
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description (the script's docstring) printed as written."""
+
+
+def parse_cli(cls: type[ArgsT], args: list[str] | None = None, description: str | None = None) -> ArgsT:
+    """An instance of the dataclass `cls` from the command line (`args`, default sys.argv): one flag per
+    field, `--help` shows each field's docstring and `description` (the script's docstring) above them."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # return_instance: the instance itself, not its methods and properties as subcommands
+    return auto_cli(cls, args=args, as_positional=False, return_instance=True, description=description,
+                    formatter_class=_HelpFormatter)
 
 
 def rounded(values: dict[str, float], digits: int) -> dict[str, float]:

@@ -10,27 +10,28 @@ apart: it is slow) from the fastest calls. `fraction_of_bandwidth_floor`: the le
 can take at the measured copy bandwidth (weights plus the KV cache written so far, every step:
 `bandwidth_floor.py`) over the lockstep decode-step time; 1.0 would be at the floor.
 Defaults: a 16x16 grid (256 tokens), a small model with one small Engram layer that runs on CPU;
-pass --size / --device / --engram for others (e.g. --size gpt-b --engram study --device cuda --batch 64
---compile for the GPU figures in BENCHMARKS.md).
-    python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--device cpu] [--batch 4] [--compile]
+pass --size / --accelerator / --engram for others (e.g. --size gpt-b --engram study --accelerator cuda
+--precision bf16-true --batch 64 --compile true for the GPU figures in BENCHMARKS.md).
+    python benchmarks/decode_cache.py [--size gpt-small] [--engram small] [--accelerator cpu] [--batch 4]
+        [--compile true] [--skip_recompute true]
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 
 import torch
 from bandwidth_floor import generation_floor_bytes, measure_bandwidth
 from common import (
+    ModelBenchmarkArgs,
     PairedTimes,
-    add_args,
     generate_fn,
     machine_info,
     model_pair,
     overhead,
-    parse_args,
+    parse_cli,
     rounded,
     speedup,
     synchronize,
@@ -95,16 +96,32 @@ def lockstep_decode(variants: dict[str, tuple[EngramGPT, bool]], batch: int, sam
     return PairedTimes(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser, batch=4, repeats=2)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--compile", action="store_true", help="also time compiled decoding")
-    parser.add_argument("--skip-recompute", action="store_true", help="skip the (slow) full-recompute baseline")
-    parser.add_argument("--bandwidth-mib", type=int, default=1024,
-                        help="size of the copy that measures memory bandwidth (well above the caches)")
-    args = parse_args(parser)
-    model, backbone = model_pair(args.size, args.grid, args.engram, args.device, getattr(torch, args.dtype),
+@dataclasses.dataclass(frozen=True)
+class DecodeArgs(ModelBenchmarkArgs):
+    """The flags of decode_cache.py: the shared ones (`common.ModelBenchmarkArgs`) and its own."""
+
+    batch: int = 4
+    """Images generated per batch (labels 0..batch-1); with CFG twice as many rows go through the model."""
+    repeats: int = 2
+    """Timed generations (and lockstep rounds) of each variant after one warm-up."""
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale (1.0: no CFG, one row per image)."""
+    compile: bool = False
+    """Also time compiled decoding (CUDA graphs on CUDA)."""
+    skip_recompute: bool = False
+    """Skip the (slow) full-recompute baseline."""
+    bandwidth_mib: int = 1024
+    """Size in MiB of the copy that measures memory bandwidth (well above the caches)."""
+
+
+def parse(args: list[str] | None = None) -> DecodeArgs:
+    """The command line (default sys.argv) as `DecodeArgs`; `--help` describes every flag."""
+    return parse_cli(DecodeArgs, args, __doc__)
+
+
+def main(args: DecodeArgs) -> None:
+    args.apply_threads()
+    model, backbone = model_pair(args.size, args.grid, args.engram, args.device, args.dtype,
                                  rows_per_head=args.rows_per_head)
     config = model.config
     sampling = SamplingConfig(cfg_scale=args.cfg_scale)
@@ -131,13 +148,12 @@ def main() -> None:
     rows = args.batch * (2 if sampling.uses_cfg else 1)
     # The bandwidth floor of the decode steps (bandwidth_floor.py) against the lockstep decode-step times.
     bandwidth = measure_bandwidth(args.device, mib=args.bandwidth_mib)
-    dtype = getattr(torch, args.dtype)
-    floors = {name: generation_floor_bytes(net, rows, dtype) / bandwidth for name, (net, _) in pairs.items()}
+    floors = {name: generation_floor_bytes(net, rows, args.dtype) / bandwidth for name, (net, _) in pairs.items()}
     print(json.dumps({
         "benchmark": "decode", "size": args.size, "engram": args.engram,
         "rows_per_head": config.engram.rows_per_head, "tokens": config.block_size,
         "batch": args.batch, "rows_through_model": rows, "cfg_scale": args.cfg_scale, "device": args.device,
-        "dtype": args.dtype, **machine_info(args.device),
+        "dtype": args.dtype_name, **machine_info(args.device),
         "seconds_per_batch": rounded(seconds, 4),
         "lockstep_decode_step_seconds": rounded(step_seconds, 4),
         "images_per_s": {k: round(args.batch / v, 2) for k, v in seconds.items()},
@@ -148,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse())

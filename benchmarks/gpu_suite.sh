@@ -15,7 +15,7 @@
 # ) they are installed offline first.
 set -u
 OUT=${OUT:-gpu_results}
-DEVICE=${DEVICE:-cuda}
+DEVICE=${DEVICE:-cuda}  # the scripts' --accelerator: cuda or cpu
 SMOKE=${SMOKE:-0}
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUT"
@@ -29,10 +29,10 @@ fi
 
 if [ "$SMOKE" = 1 ]; then  # the same commands on a tiny model, to check the script itself
     MODEL=(--size gpt-small --engram small --grid 8)
-    BATCHES=(2 4); TRAIN_BATCH=2; REPEATS=1; DTYPE=float32; BANDWIDTH_MIB=64
+    BATCHES=(2 4); TRAIN_BATCH=2; REPEATS=1; PRECISION=32-true; BANDWIDTH_MIB=64
 else
     MODEL=(--size gpt-b --engram study)
-    BATCHES=(64 256); TRAIN_BATCH=32; REPEATS=3; DTYPE=bfloat16; BANDWIDTH_MIB=2048
+    BATCHES=(64 256); TRAIN_BATCH=32; REPEATS=3; PRECISION=bf16-true; BANDWIDTH_MIB=2048
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the last line (the JSON) apart
@@ -45,14 +45,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the last l
 }
 
 for batch in "${BATCHES[@]}"; do
-    step "decode_b$batch" 150 "$PYTHON" benchmarks/decode_cache.py "${MODEL[@]}" --device "$DEVICE" \
-        --dtype "$DTYPE" --batch "$batch" --compile --skip-recompute --repeats "$REPEATS" \
-        --bandwidth-mib "$BANDWIDTH_MIB"
+    step "decode_b$batch" 150 "$PYTHON" benchmarks/decode_cache.py "${MODEL[@]}" --accelerator "$DEVICE" \
+        --precision "$PRECISION" --batch "$batch" --compile true --skip_recompute true --repeats "$REPEATS" \
+        --bandwidth_mib "$BANDWIDTH_MIB"
 done
-step train 120 "$PYTHON" benchmarks/train_step.py "${MODEL[@]}" --device "$DEVICE" --dtype "$DTYPE" \
-    --batch "$TRAIN_BATCH" --compile --repeats "$((REPEATS * 3))"
-step host_tables 60 "$PYTHON" benchmarks/host_tables.py "${MODEL[@]}" --device "$DEVICE" --dtype "$DTYPE" \
-    --batch "${BATCHES[0]}" --repeats "$REPEATS"
+step train 120 "$PYTHON" benchmarks/train_step.py "${MODEL[@]}" --accelerator "$DEVICE" \
+    --precision "$PRECISION" --batch "$TRAIN_BATCH" --compile true --repeats "$((REPEATS * 3))"
+step host_tables 60 "$PYTHON" benchmarks/host_tables.py "${MODEL[@]}" --accelerator "$DEVICE" \
+    --precision "$PRECISION" --batch "${BATCHES[0]}" --repeats "$REPEATS"
 if [ "$SMOKE" != 1 ]; then
     step pytest_gpu 90 "$PYTHON" -m pytest -m gpu tests/sample/test_sampling.py \
         tests/engram_vision/test_host_table.py tests/train/test_lit_ar.py

@@ -4,33 +4,51 @@
 same tokens; the script asserts that both give identical ids.
 
 Two shapes: a training forward (--batch sequences x all grid**2 positions, history = the grid**2 - 1 input
-tokens) and a decode step (--decode-rows rows, one position, a full-length history). No model is built:
+tokens) and a decode step (--decode_rows rows, one position, a full-length history). No model is built:
 the constants come from `make_hash_params` with the preset's EngramConfig (default the GPT-B study's two
 layers), vocabulary 16384 and 1000 classes (ImageNet with the VQ-16 tokenizer).
 Prints JSON: seconds per call, ids per second (ids = rows x positions x heads x layers) and the speed-up of
 the stacked call over the loop for each shape (median over alternating rounds, with the rounds' [low, high]).
-    python benchmarks/hashing.py [--grid 16] [--batch 8] [--decode-rows 128] [--engram study] [--device cpu]
-        [--repeats 20]
+    python benchmarks/hashing.py [--grid 16] [--batch 8] [--decode_rows 128] [--engram study]
+        [--accelerator cpu] [--repeats 20]
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 
 import torch
-from common import add_args, engram_preset, machine_info, parse_args, speedup, time_paired
+from common import BenchmarkArgs, Preset, engram_preset, machine_info, parse_cli, speedup, time_paired
 
 from engram_vision.hashing import hash_rows, hash_rows_layers, make_hash_params
 
 VOCAB_SIZE, NUM_CLASSES = 16384, 1000
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser, batch=8, repeats=20, engram="study", model=False)
-    parser.add_argument("--decode-rows", type=int, default=128, help="rows of a decode step (2 x batch with CFG)")
-    args = parse_args(parser)
+@dataclasses.dataclass(frozen=True)
+class HashingArgs(BenchmarkArgs):
+    """The flags of hashing.py: the shared ones (`common.BenchmarkArgs`; no model is built, so no --size or
+    --precision) and its own."""
+
+    batch: int = 8
+    """Sequences of the training-forward shape."""
+    engram: Preset = "study"
+    """Engram memory preset (common.PRESETS) whose layers are hashed: study (the GPT-B study's two layers)
+    or small (one layer)."""
+    repeats: int = 20
+    """Timed rounds (each calls both variants once) after one warm-up."""
+    decode_rows: int = 128
+    """Rows of the decode-step shape (2 x batch with CFG)."""
+
+
+def parse(args: list[str] | None = None) -> HashingArgs:
+    """The command line (default sys.argv) as `HashingArgs`; `--help` describes every flag."""
+    return parse_cli(HashingArgs, args, __doc__)
+
+
+def main(args: HashingArgs) -> None:
+    args.apply_threads()
     config = engram_preset(args.engram, args.rows_per_head)
     grid, cells = (args.grid, args.grid), args.grid ** 2
     # As the model holds them: buffers on its device, stacked once for the all-layers call.
@@ -73,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse())

@@ -5,28 +5,28 @@ cannot be compiled) and per training step (as benchmarks/train_step.py: forward,
 AdamW). On CUDA it also reports the peak GPU memory of each (one model alive at a time).
 
 On CPU both variants keep their tables in host memory, so the CPU figure only measures the extra code path
-(fetch objects, the custom autograd function, the host gradient); the real figure needs --device cuda.
+(fetch objects, the custom autograd function, the host gradient); the real figure needs --accelerator cuda.
 Prints JSON: seconds for each, and offload_overhead_decode / offload_overhead_train (t_host / t_device - 1).
     python benchmarks/host_tables.py [--size gpt-small] [--engram small] [--grid 16] [--batch 4]
-        [--device cpu] [--dtype float32] [--repeats 2] [--cfg-scale 2.0]
+        [--accelerator cpu] [--precision 32-true] [--repeats 2] [--cfg_scale 2.0]
 e.g. the GPT-B study's tables on a GPU:
-    python benchmarks/host_tables.py --size gpt-b --engram study --device cuda --dtype bfloat16 --batch 32
+    python benchmarks/host_tables.py --size gpt-b --engram study --accelerator cuda --precision bf16-true \\
+        --batch 32
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
 
 import torch
 from common import (
-    add_args,
+    ModelBenchmarkArgs,
     build_config,
     generate_fn,
     machine_info,
-    parse_args,
+    parse_cli,
     rounded,
     time_call,
     train_step_fn,
@@ -37,12 +37,26 @@ from engram_vision.model import EngramGPT
 VARIANTS = ("device", "host")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser, batch=4, repeats=2)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    args = parse_args(parser)
-    dtype = getattr(torch, args.dtype)
+@dataclasses.dataclass(frozen=True)
+class HostTablesArgs(ModelBenchmarkArgs):
+    """The flags of host_tables.py: the shared ones (`common.ModelBenchmarkArgs`) and its own."""
+
+    batch: int = 4
+    """Images per generated batch and sequences per training step."""
+    repeats: int = 2
+    """Timed calls of each variant and job after one warm-up."""
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale of the generated batches (1.0: no CFG)."""
+
+
+def parse(args: list[str] | None = None) -> HostTablesArgs:
+    """The command line (default sys.argv) as `HostTablesArgs`; `--help` describes every flag."""
+    return parse_cli(HostTablesArgs, args, __doc__)
+
+
+def main(args: HostTablesArgs) -> None:
+    args.apply_threads()
+    dtype = args.dtype
     cuda = torch.device(args.device).type == "cuda"
     config = build_config(args.size, args.grid, args.engram, args.rows_per_head)
     torch.manual_seed(0)
@@ -78,7 +92,7 @@ def main() -> None:
         "benchmark": "host_tables", "size": args.size, "engram": args.engram,
         "rows_per_head": config.engram.rows_per_head, "table_mib_fp32": round(table_bytes / 2 ** 20, 1),
         "grid": args.grid, "batch": args.batch, "cfg_scale": args.cfg_scale, "device": args.device,
-        "dtype": args.dtype, **machine_info(args.device),
+        "dtype": args.dtype_name, **machine_info(args.device),
         "seconds_per_batch": {k.removeprefix("decode_"): round(v, 4) for k, v in seconds.items()
                               if k.startswith("decode")},
         "seconds_per_step": {k.removeprefix("train_"): round(v, 4) for k, v in seconds.items()
@@ -88,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse())

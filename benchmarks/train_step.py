@@ -1,35 +1,35 @@
 """Training speed: one optimizer step (forward on tokens [B, T-1] and labels, cross-entropy on the T
 targets, backward, AdamW over `engram_vision.param_groups`) of the Engram model vs the same backbone without
-Engram (identical weights elsewhere), eager and, with --compile, `model.compile()` (fresh copies).
+Engram (identical weights elsewhere), eager and, with --compile true, `model.compile()` (fresh copies).
 
 Prints JSON: seconds per step, target tokens per second (B x grid**2), model FLOPs per step (3 x
 `engram_vision.budget.flops_per_token` x tokens: forward plus a backward of twice its cost), MFU against
---peak-flops or, on CUDA, Lightning's table of the GPU's peak for the dtype, and the ratios
+--peak_flops or, on CUDA, Lightning's table of the GPU's peak for the dtype, and the ratios
 engram_overhead_eager / engram_overhead_compiled (t_engram / t_backbone - 1) and compile_speedup (Engram
 model, eager over compiled), each the median over alternating rounds with the rounds' [low, high]
-(`common.PairedTimes`); seconds are each variant's fastest call. --dtype bfloat16 is bf16 autocast over
-fp32 weights (as bf16-mixed training).
+(`common.PairedTimes`); seconds are each variant's fastest call. --precision bf16-true (dtype bfloat16
+in the JSON) is bf16 autocast over fp32 weights (as bf16-mixed training).
     python benchmarks/train_step.py [--size gpt-small] [--grid 16] [--batch 8] [--engram small]
-        [--device cpu] [--dtype float32] [--repeats 3] [--compile] [--peak-flops FLOPS]
+        [--accelerator cpu] [--precision 32-true] [--repeats 3] [--compile true] [--peak_flops FLOPS]
 e.g. the GPT-B study on a GPU:
-    python benchmarks/train_step.py --size gpt-b --engram study --device cuda --dtype bfloat16 --batch 32 --compile
+    python benchmarks/train_step.py --size gpt-b --engram study --accelerator cuda --precision bf16-true \\
+        --batch 32 --compile true
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Callable
 
 import torch
 from common import (
-    add_args,
+    ModelBenchmarkArgs,
     build_config,
     machine_info,
     model_pair,
     overhead,
-    parse_args,
+    parse_cli,
     rounded,
     speedup,
     time_paired,
@@ -41,7 +41,7 @@ from engram_vision.budget import flops_per_token
 
 
 def peak_flops(device: str, dtype: torch.dtype, given: float | None) -> float | None:
-    """--peak-flops, else Lightning's figure for a known GPU, else None (CPUs: no MFU)."""
+    """--peak_flops, else Lightning's figure for a known GPU, else None (CPUs: no MFU)."""
     if given is not None:
         return given
     if torch.device(device).type != "cuda":
@@ -50,13 +50,25 @@ def peak_flops(device: str, dtype: torch.dtype, given: float | None) -> float | 
     return None if peak is None else float(peak)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser, batch=8, repeats=3)
-    parser.add_argument("--compile", action="store_true", help="also time model.compile()d copies")
-    parser.add_argument("--peak-flops", type=float, default=None, help="the device's peak FLOP/s for the dtype")
-    args = parse_args(parser)
-    dtype = getattr(torch, args.dtype)
+@dataclasses.dataclass(frozen=True)
+class TrainStepArgs(ModelBenchmarkArgs):
+    """The flags of train_step.py: the shared ones (`common.ModelBenchmarkArgs`, batch 8, 3 rounds) and its
+    own."""
+
+    compile: bool = False
+    """Also time model.compile()d copies."""
+    peak_flops: float | None = None
+    """The device's peak FLOP/s for the dtype, for MFU (None: Lightning's figure for a known GPU, none on CPU)."""
+
+
+def parse(args: list[str] | None = None) -> TrainStepArgs:
+    """The command line (default sys.argv) as `TrainStepArgs`; `--help` describes every flag."""
+    return parse_cli(TrainStepArgs, args, __doc__)
+
+
+def main(args: TrainStepArgs) -> None:
+    args.apply_threads()
+    dtype = args.dtype
 
     def steps(compile: bool, suffix: str) -> dict[str, Callable[[], None]]:
         # Fresh fp32 copies per mode (autocast supplies bf16), so compiled and eager runs share nothing.
@@ -86,7 +98,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "train_step", "size": args.size, "engram": args.engram,
         "rows_per_head": config.engram.rows_per_head, "grid": args.grid, "batch": args.batch,
-        "tokens_per_step": tokens, "device": args.device, "dtype": args.dtype, **machine_info(args.device),
+        "tokens_per_step": tokens, "device": args.device, "dtype": args.dtype_name, **machine_info(args.device),
         "seconds_per_step": rounded(seconds, 4),
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in seconds.items()},
         "flops_per_step": {k: int(v) for k, v in flops.items()},
@@ -95,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse())

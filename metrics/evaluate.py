@@ -63,8 +63,11 @@ def _sample_labels(path: Path, kind: str) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """What `evaluate` scores, against what and how: the flags of `python -m metrics evaluate`, and a
-    study's `evaluate:` section (the study fills in `samples` and `out` for each run)."""
+    """Score samples against a reference: FID, IS, KID, precision/recall, class accuracy -> metrics.json.
+
+    These fields are the flags of `python -m metrics evaluate` and a study's `evaluate:` section (the study
+    fills in `samples` and `out` for each run).
+    """
 
     reference: str
     """ADM `.npz` (`mu`/`sigma`: FID and IS only; or `arr_0` images), image folder, or image shards."""

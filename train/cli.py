@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,9 +79,13 @@ def run_stage(stage: str, args: list[str]) -> LightningCLI:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each config field's docstring
-    return _CLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=with_safe_loading(args),
-                save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True},
-                parser_kwargs={"prog": f"python -m train {stage}"})
+    with warnings.catch_warnings():
+        # `args` is the command line (minus the stage), or what a study or the demo passes; Lightning warns
+        # whenever sys.argv also holds arguments, which is always the case here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _CLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=with_safe_loading(args),
+                    save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"prog": f"python -m train {stage}"})
 
 
 def main(argv: list[str] | None = None) -> None:
