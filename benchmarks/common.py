@@ -64,11 +64,6 @@ def build_config(size: str, grid: int, preset: str, rows_per_head: int | None = 
     return model_config(size, block_size=grid ** 2, grid=None, engram=engram)
 
 
-def backbone_state(model: EngramGPT) -> dict[str, torch.Tensor]:
-    """The model's state dict without its Engram parts (what the backbone without Engram loads)."""
-    return {k: v for k, v in model.state_dict().items() if ".engram." not in k and k != "code_map"}
-
-
 def model_pair(size: str, grid: int, preset: str, device: str, dtype: torch.dtype, table_device: str = "device",
                rows_per_head: int | None = None, seed: int = 0) -> tuple[EngramGPT, EngramGPT]:
     """(Engram model, the same backbone without Engram), both in eval mode on `device` in `dtype`, with
@@ -77,7 +72,7 @@ def model_pair(size: str, grid: int, preset: str, device: str, dtype: torch.dtyp
     torch.manual_seed(seed)
     model = EngramGPT(config).eval().to(device, dtype)
     backbone = EngramGPT(dataclasses.replace(config, engram=None)).eval().to(device, dtype)
-    backbone.load_state_dict(backbone_state(model))
+    backbone.load_state_dict(model.backbone_state_dict())
     return model, backbone
 
 

@@ -1,7 +1,7 @@
-"""Hashing speed: `engram_vision.hashing.hash_rows_layers` (every Engram layer in one call, as
-`EngramGPT.engram_rows` does it: one neighbourhood gather, stacked multipliers/primes/offsets) vs a loop of
-`hash_rows`, one call per layer with that layer's `HashParams` (the old way), in the same process on the
-same tokens; the script asserts that both give identical ids.
+"""Hashing speed: `engram_vision.hashing.hash_rows` over every Engram layer in one call (as
+`EngramGPT.engram_rows` does it: one neighbourhood gather, all layers' `HashConstants` together) vs a loop of
+one call per layer with that layer's constants alone, in the same process on the same tokens; the script
+asserts that both give identical ids.
 
 Two shapes: a training forward (--batch sequences x all grid**2 positions, history = the grid**2 - 1 input
 tokens) and a decode step (--decode_rows rows, one position, a full-length history). No model is built:
@@ -21,7 +21,7 @@ import json
 import torch
 from common import BenchmarkArgs, Preset, engram_preset, machine_info, parse_cli, speedup, time_paired
 
-from engram_vision.hashing import hash_rows, hash_rows_layers, make_hash_params
+from engram_vision.hashing import hash_constants, hash_rows, make_hash_params
 
 VOCAB_SIZE, NUM_CLASSES = 16384, 1000
 
@@ -51,9 +51,10 @@ def main(args: HashingArgs) -> None:
     args.apply_threads()
     config = engram_preset(args.engram, args.rows_per_head)
     grid, cells = (args.grid, args.grid), args.grid ** 2
-    # As the model holds them: buffers on its device, stacked once for the all-layers call.
+    # As the model holds them: laid out once, on its device (all layers together, or each layer alone).
     params = [p.to(args.device) for p in make_hash_params(config, VOCAB_SIZE, NUM_CLASSES).values()]
-    stacked = [torch.stack([getattr(p, name) for p in params]) for name in ("multipliers", "primes", "offsets")]
+    together_constants = hash_constants(config, params)
+    layer_constants = [hash_constants(config, [p]) for p in params]
     rng = torch.Generator().manual_seed(0)
     shapes = {  # name: (history [rows, N], target positions [P])
         "train": (torch.randint(VOCAB_SIZE, (args.batch, cells - 1), generator=rng), torch.arange(cells)),
@@ -65,14 +66,15 @@ def main(args: HashingArgs) -> None:
         labels = torch.arange(history.shape[0], device=args.device) % NUM_CLASSES
 
         def stacked_call(history=history, positions=positions, labels=labels):
-            return hash_rows_layers(history, positions, labels, grid, config, *stacked, pad_id=VOCAB_SIZE)
+            return hash_rows(history, positions, labels, grid, config, together_constants, pad_id=VOCAB_SIZE)
 
         def loop_call(history=history, positions=positions, labels=labels):
-            return [hash_rows(history, positions, labels, grid, config, p, pad_id=VOCAB_SIZE) for p in params]
+            return [hash_rows(history, positions, labels, grid, config, c, pad_id=VOCAB_SIZE)[0]
+                    for c in layer_constants]
 
         together, separate = stacked_call(), loop_call()
         if not all(torch.equal(together[i], ids) for i, ids in enumerate(separate)):
-            raise AssertionError(f"{name}: hash_rows_layers and per-layer hash_rows give different ids")
+            raise AssertionError(f"{name}: all layers at once and one layer at a time give different ids")
         counts[name] = together.numel()  # layers x rows x positions x heads
         timed = time_paired({f"{name}_stacked": stacked_call, f"{name}_loop": loop_call}, args.repeats,
                             args.device)

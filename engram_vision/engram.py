@@ -3,8 +3,9 @@ gate and a causal depthwise conv – returning the residual update Y for a block
 
 Follows DeepSeek's Engram reference (arXiv 2601.07372): gate = sigmoid(signed_sqrt(<RMSNorm(h),
 RMSNorm(W_K e)> / sqrt(d))), y = gate * W_V e, Y = y + SiLU(conv(RMSNorm(y))). Which rows to read is
-`hashing.py` (the model hashes all layers at once and hands each its row ids); where the layer sits and
-how the conv tail is carried across decode steps is `model.py`; the tables themselves `table.py` (on the host: `host_table.py`).
+`hashing.py` (the model hashes all layers at once and hands each its row ids); when decoding, the layer
+writes its conv tail into the `DecodeState` slice it is handed, as attention writes its keys and values.
+Where the layer sits is `model.py`; the tables themselves `table.py` (on the host: `host_table.py`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ class EngramMemory(nn.Module):
         table_type = HostTable if config.table_device == "host" else EngramTable
         self.table = table_type(params.total_rows, config.head_dim)
         self.table.weight.requires_grad_(config.table == "trainable")
-        # Stored in the checkpoint, so a model always hashes with the constants it was trained with.
-        self.register_buffer("multipliers", params.multipliers.clone())
-        self.register_buffer("primes", params.primes.clone())
-        self.register_buffer("offsets", params.offsets.clone())
         # W_K and W_V as one matmul: rows [0, dim) are W_K, rows [dim, 2 dim) W_V. Checkpoints with separate
         # key_proj/value_proj weights are fused on load (`_fuse_key_value`).
         self.key_value_proj = nn.Linear(config.memory_dim, 2 * model.dim, bias=False)
@@ -59,9 +56,6 @@ class EngramMemory(nn.Module):
         nn.init.normal_(self.table.weight, std=1.0)
         if self.config.use_conv:
             nn.init.zeros_(self.conv.weight)
-
-    def hash_params(self) -> HashParams:
-        return HashParams(self.layer_id, self.multipliers, self.primes, self.offsets, self.table.num_embeddings)
 
     def prefetch(self, rows: Tensor) -> Tensor | RowFetch:
         """What `forward` should get as `rows`: the ids themselves, or for a host table a fetch started now
@@ -87,11 +81,12 @@ class EngramMemory(nn.Module):
             score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
         return torch.sigmoid(score).to(h.dtype)
 
-    def forward(self, h: Tensor, rows: Tensor | RowFetch,
-                conv_tail: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(Y [B,T,dim], new conv tail [B,tail,dim] or None). rows: this layer's table rows [B,T,heads]
-        (`hashing.hash_rows`), or `prefetch(rows)`. `conv_tail` holds the normalised values of the
-        positions just before these (zeros, i.e. None, at the start of a sequence)."""
+    def forward(self, h: Tensor, rows: Tensor | RowFetch, conv_tail: Tensor | None = None) -> Tensor:
+        """Y [B,T,dim]. rows: this layer's table rows [B,T,heads] (`hashing.hash_rows`), or `prefetch(rows)`.
+        conv_tail: when decoding, this layer's tail in the `DecodeState` [B,tail,dim] (the normalised values
+        of the positions just before these; zeros at the start of a sequence), which this call overwrites
+        with the tail after these positions, as attention writes its keys and values into the state's
+        cache; None without a state (the sequence starts here and nothing is carried on)."""
         batch, length, _ = h.shape
         if self.gate == "off":
             values = h.new_zeros(batch, length, self.dim)
@@ -100,14 +95,15 @@ class EngramMemory(nn.Module):
             keys, values = self.key_value_proj(memory).split(self.dim, dim=-1)
             values = self.gate_probe(self.gate_values(h, keys)) * values
         if not self.config.use_conv:
-            return values, None
+            return values
         normed = self.conv_norm(values)
-        if conv_tail is None:
-            conv_tail = normed.new_zeros(batch, self.tail_len, self.dim)
-        window = torch.cat([conv_tail.to(normed.dtype), normed], dim=1)  # [B, tail + T, dim]
+        previous = normed.new_zeros(batch, self.tail_len, self.dim) if conv_tail is None else conv_tail
+        window = torch.cat([previous.to(normed.dtype), normed], dim=1)  # [B, tail + T, dim]
         weight = self.conv.weight[:, 0].to(window.dtype)  # [dim, kernel]
         mixed = causal_depthwise(window, weight, self.config.conv_dilation, length)
-        return values + F.silu(mixed), window[:, window.shape[1] - self.tail_len:]
+        if conv_tail is not None:
+            conv_tail.copy_(window[:, window.shape[1] - self.tail_len:])
+        return values + F.silu(mixed)
 
 
 def causal_depthwise(window: Tensor, weight: Tensor, dilation: int, length: int) -> Tensor:

@@ -4,13 +4,15 @@ Pure functions on torch int64 tensors (on the input's device, no state, determin
 
 - `neighbor_ids` reads the causal neighbourhood of each target cell (2d grid offsets or raster offsets),
   with `pad_id` for cells outside the image;
-- `make_hash_params` draws the per-layer odd multipliers and the distinct per-head primes;
-- `hash_rows` mixes the neighbour ids (optionally through a code map and with the class label) into one
-  global row id per head of a layer's single table; `hash_rows_layers` does it for all layers at once.
+- `make_hash_params` draws the per-layer odd multipliers and the distinct per-head primes, and
+  `hash_constants` lays the layers' draws out once for hashing (the model keeps that as its buffers);
+- `hash_rows`, the one entry point the model calls, mixes the neighbour ids (optionally through a code
+  map and with the class label) into one global row id per head of each layer's single table, for all
+  Engram layers at once.
 
 Sequence convention: model position p (0 = class token, p >= 1 = image token p-1) predicts image token p at
 grid cell divmod(p, W), so the neighbourhood of position p only reads image tokens q < p. Holding the tables,
-the lookup and the fusion is `engram.py`; keeping `HashParams` in the checkpoint is the model's job; fitting
+the lookup and the fusion is `engram.py`; keeping the `HashConstants` in the checkpoint is the model's job; fitting
 the code map is `code_map.py`.
 """
 
@@ -219,64 +221,49 @@ def neighbor_ids(history: torch.Tensor, positions: torch.Tensor, grid: tuple[int
     return _gather_slots(history, positions, grid, (tuple(offsets),), mode, pad_id)[:, :, 0]
 
 
-def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
-              grid: tuple[int, int], config: EngramConfig, params: HashParams, pad_id: int,
-              code_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Global row ids of one Engram layer's table for each target position and head.
-
-    tokens_history: int [B,N] image tokens (raw codes, PAD = pad_id); positions: int [P] target cells;
-    labels: int [B] class ids (num_classes = null label), used only when `config.hash_label`;
-    code_map: int [num_codes + 1] raw id (pad_id included) -> canonical id (PAD -> config.code_map),
-    required exactly when `config.code_map` is set. Returns int64 [B,P,num_heads] with head k of order o
-    (k counted over all orders, order-major) in [offsets[k], offsets[k] + primes[k]).
-    """
-    return hash_rows_layers(tokens_history, positions, labels, grid, config, params.multipliers[None],
-                            params.primes[None], params.offsets[None], pad_id, code_map)[0]
-
-
 @dataclass(frozen=True, eq=False)
-class MixConstants:
-    """The hash constants of L layers laid out for broadcasting against gathered ids [B,P,orders,slots]:
-    built once (`mix_constants`; the model keeps them as buffers), not on every decode step."""
+class HashConstants:
+    """The hash constants of a model's L Engram layers, laid out for broadcasting against the gathered
+    neighbour ids [B,P,orders,max_slots]: what `hash_rows` multiplies by, XORs and divides by. The model
+    keeps them as its checkpointed buffers, the one copy it hashes with; `hash_constants` lays them out
+    from `make_hash_params`' per-layer draws."""
 
     slot_multipliers: torch.Tensor
     """int64 [L,1,1,orders,max_slots]: multiplier j for slot j of every order, 0 for padding slots."""
     label_multipliers: torch.Tensor
     """int64 [L,1]: the class label's multiplier."""
     primes: torch.Tensor
-    """int64 [L,1,1,orders,heads_per_order]."""
+    """int64 [L,1,1,orders,heads_per_order]: rows of each head."""
     offsets: torch.Tensor
     """int64 [L,1,1,orders,heads_per_order]: first row of each head in its layer's table."""
 
 
-def mix_constants(config: EngramConfig, multipliers: torch.Tensor, primes: torch.Tensor,
-                  offsets: torch.Tensor) -> MixConstants:
-    """`MixConstants` from the layers' stacked multipliers [L, max_slots + 1], primes and offsets [L, heads]."""
+def hash_constants(config: EngramConfig, params: Sequence[HashParams]) -> HashConstants:
+    """`HashConstants` of the layers in `params` (in that order), on the device of their tensors."""
+    multipliers = torch.stack([p.multipliers for p in params])  # [L, max_slots + 1]
     width = max(len(order) for order in config.neighborhoods)
     valid = torch.tensor([[j < len(order) for j in range(width)] for order in config.neighborhoods],
                          device=multipliers.device)
-    layers, grouped = multipliers.shape[0], (config.num_orders, config.heads_per_order)
-    return MixConstants(slot_multipliers=(multipliers[:, None, None, None, :width] * valid),
-                        label_multipliers=multipliers[:, -1:].clone(),
-                        primes=primes.reshape(layers, 1, 1, *grouped).clone(),
-                        offsets=offsets.reshape(layers, 1, 1, *grouped).clone())
+    grouped = (len(params), 1, 1, config.num_orders, config.heads_per_order)
+    return HashConstants(slot_multipliers=(multipliers[:, None, None, None, :width] * valid),
+                         label_multipliers=multipliers[:, -1:].clone(),
+                         primes=torch.stack([p.primes for p in params]).reshape(grouped),
+                         offsets=torch.stack([p.offsets for p in params]).reshape(grouped))
 
 
-def hash_rows_layers(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
-                     grid: tuple[int, int], config: EngramConfig, multipliers: torch.Tensor,
-                     primes: torch.Tensor, offsets: torch.Tensor, pad_id: int,
-                     code_map: torch.Tensor | None = None) -> torch.Tensor:
-    """`hash_rows` of L layers at once: int64 [L,B,P,num_heads] from the layers' stacked constants
-    (multipliers [L, max_slots + 1], primes and offsets [L, num_heads]); see `hash_rows_mixed`."""
-    device = tokens_history.device
-    constants = mix_constants(config, multipliers.to(device), primes.to(device), offsets.to(device))
-    return hash_rows_mixed(tokens_history, positions, labels, grid, config, constants, pad_id, code_map)
+def hash_rows(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
+              grid: tuple[int, int], config: EngramConfig, constants: HashConstants, pad_id: int,
+              code_map: torch.Tensor | None = None, check_positions: bool = True) -> torch.Tensor:
+    """Global table row ids of every Engram layer for each target position and head: int64
+    [L,B,P,num_heads], head k of order o (k counted over all orders, order-major) in
+    [offsets[k], offsets[k] + primes[k]) of its layer's table.
 
-
-def hash_rows_mixed(tokens_history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
-                    grid: tuple[int, int], config: EngramConfig, constants: MixConstants, pad_id: int,
-                    code_map: torch.Tensor | None = None, check_positions: bool = True) -> torch.Tensor:
-    """`hash_rows_layers` with the constants already laid out (`mix_constants`, on the tokens' device).
+    tokens_history: int [B,N] image tokens (raw codes, PAD = pad_id; entries at index >= max(positions)
+    are never read); positions: int [P] target cells; labels: int [B] class ids (num_classes = null label),
+    used only when `config.hash_label`; constants: `hash_constants` of the L layers, on the tokens' device;
+    code_map: int [num_codes + 1] raw id (pad_id included) -> canonical id (PAD -> config.code_map),
+    required exactly when `config.code_map` is set. check_positions=False skips validating `positions`
+    (callers that built them from a checked length).
 
     Every layer hashes the same neighbourhood, so a forward needs one gather of every neighbour slot of
     every order; then one multiply by all layers' multipliers, an XOR over the few slots (shorter orders
@@ -309,4 +296,5 @@ def hash_rows_mixed(tokens_history: torch.Tensor, positions: torch.Tensor, label
     return (mix[..., None] % constants.primes + constants.offsets).flatten(-2)
 
 
-__all__ = ["HashParams", "MixConstants", "hash_rows", "hash_rows_layers", "hash_rows_mixed", "mix_constants", "hashable_id_bound", "make_hash_params", "neighbor_ids"]
+__all__ = ["HashConstants", "HashParams", "hash_constants", "hash_rows", "hashable_id_bound", "make_hash_params",
+           "neighbor_ids"]

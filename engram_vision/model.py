@@ -15,7 +15,7 @@ from engram_vision.attention import Attention
 from engram_vision.cache import DecodeState
 from engram_vision.config import ModelConfig
 from engram_vision.engram import EngramMemory
-from engram_vision.hashing import MixConstants, hash_rows_mixed, make_hash_params, mix_constants
+from engram_vision.hashing import HashConstants, HashParams, hash_constants, hash_rows, make_hash_params
 from engram_vision.layers import FeedForward, LabelEmbedder, RMSNorm, rope_2d_table
 
 
@@ -31,14 +31,14 @@ class Block(nn.Module):
         self.engram = engram
 
     def forward(self, h: Tensor, rope: Tensor, cache: tuple[Tensor, Tensor] | None, positions: Tensor,
-                engram_args: dict | None = None) -> tuple[Tensor, Tensor | None]:
-        """engram_args: the Engram layer's `rows` (and `conv_tail` when decoding)."""
-        tail = None
+                rows: Tensor | None = None, conv_tail: Tensor | None = None) -> Tensor:
+        """cache and conv_tail: this block's attention cache and Engram conv tail in the `DecodeState`
+        (None without one), which attention and Engram write into alike; rows: the Engram layer's table
+        rows (or their prefetch)."""
         if self.engram is not None:
-            update, tail = self.engram(h, **engram_args)
-            h = h + update
+            h = h + self.engram(h, rows, conv_tail)
         h = h + self.attention(self.attention_norm(h), rope, cache, positions)
-        return h + self.feed_forward(self.ffn_norm(h)), tail
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class EngramGPT(nn.Module):
@@ -66,9 +66,12 @@ class EngramGPT(nn.Module):
         else:
             self.code_map = None
         if engram is not None:
-            self.refresh_hash_constants()
-            # Loading replaces the layers' multipliers and primes: lay them out again afterwards.
-            self.register_load_state_dict_post_hook(_refresh_after_load)
+            # The hash constants, once for all layers and laid out for `hash_rows`: checkpointed, so a model
+            # always hashes with the constants it was trained with. Files that kept them per layer load too.
+            constants = hash_constants(engram, [hash_params[layer] for layer in sorted(hash_params)])
+            for name, value in vars(constants).items():
+                self.register_buffer(f"hash_{name}", value)
+            self.register_load_state_dict_pre_hook(_stack_layer_hash_constants)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,28 +98,23 @@ class EngramGPT(nn.Module):
             raise ValueError(f"code map values must lie in [0, {engram.code_map}] with PAD -> {engram.code_map}")
         self.code_map.copy_(code_map.to(self.code_map))
 
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """The state dict without the Engram layers, their hash constants and the code map: what the same
+        model without Engram (`engram=None`) loads strictly."""
+        return {k: v for k, v in self.state_dict().items()
+                if ".engram." not in k and not k.startswith("hash_") and k != "code_map"}
+
     def engram_layers(self) -> list[EngramMemory]:
         return [block.engram for block in self.layers if block.engram is not None]
-
-    @torch.no_grad()
-    def refresh_hash_constants(self) -> None:
-        """Lay the Engram layers' hash constants (their checkpointed buffers) out for `engram_rows` once, as
-        non-persistent buffers, instead of stacking them on every decode step. Runs at construction and
-        after `load_state_dict`; call it after changing a layer's multipliers or primes by hand."""
-        memories = self.engram_layers()
-        stacked = [torch.stack([getattr(memory, name) for memory in memories])
-                   for name in ("multipliers", "primes", "offsets")]
-        for name, value in vars(mix_constants(self.config.engram, *stacked)).items():
-            self.register_buffer(f"hash_{name}", value, persistent=False)
 
     def engram_rows(self, history: Tensor, positions: Tensor, labels: Tensor) -> Tensor:
         """Table rows of every Engram layer, int64 [layers, B, P, heads], hashed together on the tokens'
         device (the neighbourhood gather is shared; only multipliers and primes differ per layer).
         positions: built by `forward` from a checked length, so not validated again here."""
-        constants = MixConstants(self.hash_slot_multipliers, self.hash_label_multipliers, self.hash_primes,
-                                 self.hash_offsets)
-        return hash_rows_mixed(history, positions, labels, self.config.token_grid, self.config.engram, constants,
-                               pad_id=self.config.vocab_size, code_map=self.code_map, check_positions=False)
+        constants = HashConstants(self.hash_slot_multipliers, self.hash_label_multipliers, self.hash_primes,
+                                  self.hash_offsets)
+        return hash_rows(history, positions, labels, self.config.token_grid, self.config.engram, constants,
+                         pad_id=self.config.vocab_size, code_map=self.code_map, check_positions=False)
 
     def _check_inputs(self, tokens: Tensor, labels: Tensor) -> None:
         c = self.config
@@ -185,18 +183,25 @@ class EngramGPT(nn.Module):
         rope = self.rope[positions] if state is not None else self.rope[:length]
         for index, block in enumerate(self.layers):
             cache = None if state is None else (state.keys[index], state.values[index])
-            engram_args = None
-            if block.engram is not None:
-                engram_args = {"rows": rows[index], "conv_tail": None if state is None else state.conv_tails.get(index)}
-            h, tail = block(h, rope, cache, positions, engram_args)
-            if state is not None and tail is not None:
-                state.conv_tails[index].copy_(tail)
+            conv_tail = None if state is None else state.conv_tails.get(index)
+            h = block(h, rope, cache, positions, rows.get(index), conv_tail)
         if state is not None:
             state.position.add_(length)
             state.started = True
         return self.output(self.norm(h)).float()
 
 
-def _refresh_after_load(model: EngramGPT, incompatible_keys: object) -> None:
-    """Load hook (a module-level function, so the model stays picklable): re-lay the hash constants."""
-    model.refresh_hash_constants()
+def _stack_layer_hash_constants(model: EngramGPT, state_dict: dict, prefix: str, *args) -> None:
+    """Load hook: files written before the model kept the hash constants once held them per Engram layer
+    (`layers.<i>.engram.{multipliers,primes,offsets}`); lay those out as the model's `hash_*` buffers."""
+    layers = sorted(model.config.engram.layers)
+    keys = {layer: [f"{prefix}layers.{layer}.engram.{name}" for name in ("multipliers", "primes", "offsets")]
+            for layer in layers}
+    if f"{prefix}hash_primes" in state_dict or not all(k in state_dict for names in keys.values() for k in names):
+        return
+    params = []
+    for layer in layers:
+        multipliers, primes, offsets = (state_dict.pop(key) for key in keys[layer])
+        params.append(HashParams(layer, multipliers, primes, offsets, int(primes.sum())))
+    for name, value in vars(hash_constants(model.config.engram, params)).items():
+        state_dict[f"{prefix}hash_{name}"] = value

@@ -25,7 +25,7 @@ def test_llamagen_file_with_namespace_and_rebuilt_buffers_loads(reference_dir, t
 
 
 def test_llamagen_file_into_an_engram_config_names_the_missing_keys(tiny_config, reference_dir):
-    with pytest.raises(ValueError, match="missing: layers.0.engram"):
+    with pytest.raises(ValueError, match="missing: hash_slot_multipliers, .*layers.0.engram"):
         load_llamagen_gpt(reference_dir / "gpt_tiny.pt", tiny_config())
 
 
@@ -37,8 +37,8 @@ def test_safetensors_round_trip_keeps_hash_constants_and_outputs(random_model, t
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(loaded(tokens, labels), model(tokens, labels))
-    for ours, theirs in zip(model.engram_layers(), loaded.engram_layers(), strict=True):
-        assert torch.equal(ours.multipliers, theirs.multipliers) and torch.equal(ours.primes, theirs.primes)
+    for name in ("hash_slot_multipliers", "hash_label_multipliers", "hash_primes", "hash_offsets"):
+        assert torch.equal(getattr(loaded, name), getattr(model, name)), name
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_gpt(tmp_path)
 
@@ -62,3 +62,34 @@ def test_export_with_separate_key_and_value_projections_still_loads(random_model
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(load_gpt(tmp_path)(tokens, labels), model(tokens, labels))
+
+
+def test_export_with_hash_constants_per_layer_still_loads_and_hashes_with_them(random_model, tiny_config, tmp_path):
+    """An export written when each Engram layer kept its own multipliers, primes and offsets: the model's
+    load hook lays them out as its hash buffers, and the loaded model hashes with the file's constants
+    (here drawn with another seed than the config's), not with fresh ones."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from engram_vision.hashing import hash_constants, make_hash_params
+
+    config = tiny_config()
+    model = random_model(config)
+    other = make_hash_params(replace(config.engram, hash_seed=123), config.vocab_size, config.num_classes)
+    with torch.no_grad():  # the model as it would have hashed with the file's constants
+        for name, value in vars(hash_constants(config.engram, [other[i] for i in sorted(other)])).items():
+            getattr(model, f"hash_{name}").copy_(value)
+    save_gpt(model, tmp_path)
+    old = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("hash_")}
+    for layer, params in other.items():
+        for name in ("multipliers", "primes", "offsets"):
+            old[f"layers.{layer}.engram.{name}"] = getattr(params, name).contiguous()
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_gpt(tmp_path)
+    fresh = random_model(config)  # the same weights, the config's own constants
+    assert not torch.equal(fresh.hash_slot_multipliers, loaded.hash_slot_multipliers)
+    tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, labels), model(tokens, labels))
+        assert not torch.equal(loaded(tokens, labels), fresh(tokens, labels))

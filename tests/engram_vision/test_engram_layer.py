@@ -76,7 +76,11 @@ def test_forward_is_gated_values_plus_a_causal_conv_tail(dilation: int):
     generator = torch.Generator().manual_seed(2)
     h = torch.randn(2, 7, memory.dim, generator=generator)
     rows = torch.randint(memory.table.num_embeddings, (2, 7, memory.config.num_heads), generator=generator)
-    out, tail = memory(h, rows)
+    tail = torch.full((2, memory.tail_len, memory.dim), 7.0)  # overwritten in place, as a DecodeState's
+    start = torch.zeros_like(tail)
+    out = memory(h, rows, start)  # a zero tail: the sequence starts here
+    assert torch.equal(out, memory(h, rows)) and not torch.equal(start, torch.zeros_like(start))
+    memory(h, rows, tail)
     keys, values = memory.key_value_proj(memory.table(rows).flatten(-2)).split(memory.dim, dim=-1)
     y = _spec_gate(memory, h, keys) * values
     normed = memory.conv_norm(y).transpose(1, 2)  # [B, dim, T]

@@ -23,9 +23,14 @@ from hypothesis import strategies as st
 
 from engram_vision.code_map import fit_code_map
 from engram_vision.config import EngramConfig, neighbor_offset
-from engram_vision.hashing import hash_rows, hashable_id_bound, make_hash_params, neighbor_ids
+from engram_vision.hashing import hash_constants, hash_rows, hashable_id_bound, make_hash_params, neighbor_ids
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def layer_rows(history, positions, labels, grid, config, params, **kwargs) -> torch.Tensor:
+    """One layer's row ids [B,P,heads]: `hash_rows` with that layer's constants alone."""
+    return hash_rows(history, positions, labels, grid, config, hash_constants(config, [params]), **kwargs)[0]
 CAUSAL_2D = [(dr, dc) for dr in (-2, -1, 0) for dc in (-2, -1, 0, 1, 2) if dr < 0 or dc < 0]
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -108,7 +113,7 @@ def test_rows_in_range_and_prefix_invariant(case: dict, data: st.DataObject) -> 
     grid, vocab, config, tokens, labels = (case[k] for k in ("grid", "vocab", "config", "tokens", "labels"))
     cells = grid[0] * grid[1]
     for layer, params in make_hash_params(config, vocab, num_classes=10).items():
-        full = hash_rows(tokens, torch.arange(cells), labels, grid, config, params, pad_id=vocab)
+        full = layer_rows(tokens, torch.arange(cells), labels, grid, config, params, pad_id=vocab)
         assert full.dtype == torch.int64 and full.shape == (tokens.shape[0], cells, config.num_heads)
         assert (full >= params.offsets).all() and (full < params.offsets + params.primes).all(), layer
         assert int(full.max()) < params.total_rows
@@ -117,9 +122,9 @@ def test_rows_in_range_and_prefix_invariant(case: dict, data: st.DataObject) -> 
         t = data.draw(st.integers(0, cells - 1))
         garbage = torch.randint(-5, 10**6, (tokens.shape[0], data.draw(st.integers(0, 3))), generator=case["gen"])
         prefix = torch.cat([tokens[:, :t], garbage], dim=1)
-        rows = hash_rows(prefix, torch.arange(t + 1), labels, grid, config, params, pad_id=vocab)
+        rows = layer_rows(prefix, torch.arange(t + 1), labels, grid, config, params, pad_id=vocab)
         assert torch.equal(rows, full[:, : t + 1])
-        step = hash_rows(prefix, torch.tensor([t]), labels, grid, config, params, pad_id=vocab)
+        step = layer_rows(prefix, torch.tensor([t]), labels, grid, config, params, pad_id=vocab)
         assert torch.equal(step, full[:, t : t + 1])
 
 
@@ -140,13 +145,14 @@ def test_history_and_positions_are_validated() -> None:
 _DIGEST_SCRIPT = """
 import hashlib, torch
 from engram_vision.config import EngramConfig
-from engram_vision.hashing import hash_rows, make_hash_params
+from engram_vision.hashing import hash_constants, hash_rows, make_hash_params
 config = EngramConfig(layers=(0, 3), neighborhoods=(("L", "U"), ("L", "U", "UL", "UR")), heads_per_order=4,
                       rows_per_head=1009, hash_seed=7, hash_label=True)
 tokens = (torch.arange(2 * 20).reshape(2, 20) * 7919) % 65
 digest = hashlib.sha256()
 for layer, params in make_hash_params(config, vocab_size=64, num_classes=10).items():
-    rows = hash_rows(tokens, torch.arange(20), torch.tensor([3, 10]), (4, 5), config, params, pad_id=64)
+    constants = hash_constants(config, [params])
+    rows = hash_rows(tokens, torch.arange(20), torch.tensor([3, 10]), (4, 5), config, constants, pad_id=64)[0]
     digest.update(str(layer).encode() + params.multipliers.numpy().tobytes() + rows.numpy().tobytes())
 print(digest.hexdigest())
 """
@@ -210,7 +216,7 @@ def test_raster_mode_is_the_language_model_engram(orders: tuple) -> None:
                           rows_per_head=997)
     params = make_hash_params(config, vocab, num_classes=10)[2]
     tokens = torch.randint(0, vocab, (2, 20))
-    rows = hash_rows(tokens, torch.arange(20), None, grid, config, params, pad_id=vocab)
+    rows = layer_rows(tokens, torch.arange(20), None, grid, config, params, pad_id=vocab)
     inputs = torch.cat([torch.full((2, 1), vocab), tokens[:, :-1]], dim=1)  # x_p = image token p-1
     m = params.multipliers
     for o, order in enumerate(orders):
@@ -232,7 +238,7 @@ def test_hash_label_changes_rows_only_with_the_label() -> None:
     for hash_label in (True, False):
         config = EngramConfig(layers=(0,), heads_per_order=4, rows_per_head=100_003, hash_label=hash_label)
         params = make_hash_params(config, vocab, num_classes=10)[0]
-        rows = hash_rows(tokens, torch.arange(16), labels, grid, config, params, pad_id=vocab)
+        rows = layer_rows(tokens, torch.arange(16), labels, grid, config, params, pad_id=vocab)
         assert torch.equal(rows[0], rows[1])
         assert torch.equal(rows[0], rows[2]) is not hash_label
         assert (rows[0] != rows[2]).float().mean() > 0.9 or not hash_label  # large primes: nearly all move
@@ -249,11 +255,11 @@ def test_mapped_hashing_equals_hashing_mapped_tokens(case: dict, num_ids: int) -
     for layer, params in make_hash_params(mapped_cfg, vocab, num_classes=10).items():
         assert torch.equal(params.multipliers, plain[layer].multipliers)
         positions = torch.arange(grid[0] * grid[1])
-        got = hash_rows(tokens, positions, labels, grid, mapped_cfg, params, pad_id=vocab, code_map=code_map)
-        want = hash_rows(code_map[tokens], positions, labels, grid, case["config"], plain[layer], pad_id=num_ids)
+        got = layer_rows(tokens, positions, labels, grid, mapped_cfg, params, pad_id=vocab, code_map=code_map)
+        want = layer_rows(code_map[tokens], positions, labels, grid, case["config"], plain[layer], pad_id=num_ids)
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="code_map"):
-        hash_rows(tokens, positions, labels, grid, mapped_cfg, params, pad_id=vocab)
+        layer_rows(tokens, positions, labels, grid, mapped_cfg, params, pad_id=vocab)
 
 
 def test_fit_code_map_clusters_separated_vectors() -> None:

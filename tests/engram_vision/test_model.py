@@ -86,7 +86,7 @@ def test_constant_gate_zero_is_exactly_the_baseline(random_model, tiny_config):
     config = tiny_config()
     model = random_model(config)
     baseline = EngramGPT(dataclasses.replace(config, engram=None)).eval()
-    baseline.load_state_dict({k: v for k, v in model.state_dict().items() if ".engram." not in k})
+    baseline.load_state_dict(model.backbone_state_dict())  # strict: exactly the backbone's keys
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([0, 9])
     with torch.no_grad():
         assert torch.equal(with_gate(model, 0.0)(tokens, labels), baseline(tokens, labels))

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram_vision.config import NAMED_NEIGHBORS, EngramConfig, neighbor_offset
-from engram_vision.hashing import HashParams, hash_rows, make_hash_params, neighbor_ids
+from engram_vision.hashing import HashParams, hash_constants, hash_rows, make_hash_params, neighbor_ids
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 NAME_OF_OFFSET = {offset: name for name, offset in NAMED_NEIGHBORS.items()}
@@ -82,9 +82,10 @@ def cases(draw: st.DrawFn) -> dict:
 
 def _rows(case: dict, history: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
           params: HashParams | None = None) -> torch.Tensor:
+    params = case["params"] if params is None else params
     return hash_rows(history, positions, case["labels"] if labels is None else labels, case["grid"],
-                     case["config"], case["params"] if params is None else params, pad_id=case["vocab"],
-                     code_map=case["code_map"])
+                     case["config"], hash_constants(case["config"], [params]), pad_id=case["vocab"],
+                     code_map=case["code_map"])[0]
 
 
 def _source(p: int, offset: tuple[int, int] | int, grid: tuple[int, int], mode: str) -> int | None:
