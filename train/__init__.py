@@ -1,1 +1,2 @@
-"""Training stage: data modules, token extraction and Lightning modules (the only package importing Lightning)."""
+"""Training stage: the Lightning core (LitVQ, LitAR, callbacks and throughput, checkpoints, strategies, the
+CLI), its DataModules (`train.data`) and the jobs that prepare data for it (`train.prepare`)."""
