@@ -36,7 +36,7 @@ def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor, device: str | 
 def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-v3-compat",
                        weights: str | None = None, out: str | None = None, tokenizer_size: str | None = None,
                        image_size: int | None = None, accelerator: str = "cpu") -> dict[str, Any]:
-    """PSNR, SSIM and rFID of `tokenizer` on `images`; writes metrics.json (default beside the tokenizer).
+    """PSNR, SSIM and rFID of `tokenizer` on `images`; writes eval_metrics.json (default beside the tokenizer).
 
     Args:
         tokenizer: our tokenizer directory, a diffusers VQModel directory or a LlamaGen VQ `.pt`.

@@ -150,8 +150,12 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
             not depend on the number of devices, up to float rounding: kernels that reduce in another order
             (another thread count, GPU model or precision) can flip a rare near-tie token choice.
         sampling: CFG scale and schedule, temperature, top-k, top-p, greedy.
-        model_size / tokenizer_size: named configs for LlamaGen `.pt` files (e.g. gpt-b, vq-16).
-        accelerator, devices, strategy, precision: Lightning Trainer settings (e.g. devices 8, bf16-mixed).
+        model_size: named config of a LlamaGen c2i `.pt` model (e.g. gpt-b).
+        tokenizer_size: named config of a LlamaGen VQ `.pt` tokenizer (e.g. vq-16).
+        accelerator: Lightning accelerator (cpu, gpu, auto, ...).
+        devices: Lightning devices (e.g. 8: the batches are spread over them).
+        strategy: Lightning strategy (auto, ddp, ...).
+        precision: Lightning precision (e.g. 32-true, bf16-mixed).
         compile: compile the decode step (static cache, CUDA graphs on GPU); same images, faster after the
             first batch, which pays the compile. A last batch of another size compiles once more.
     """

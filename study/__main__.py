@@ -23,7 +23,8 @@ COMMANDS = {"run": study, "report": build_report, "demo": demo, "configs": write
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"] and not any(arg.startswith("--command") for arg in argv):
-        argv += ["--command", "python -m study " + shlex.join(argv)]  # shown in the report
+        # shown in the report; right after the subcommand, so a trailing --<section>.help still parses
+        argv = [argv[0], "--command", "python -m study " + shlex.join(argv), *argv[1:]]
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     result = auto_cli(COMMANDS, args=argv, as_positional=False, prog="python -m study")
     if argv[:1] in (["report"], ["configs"]):

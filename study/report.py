@@ -177,7 +177,11 @@ def _samples_section(runs: list[Run], figures: Path) -> list[str]:
 
 
 def build_report(study_dir: str | Path) -> Path:
-    """Write `<study_dir>/report.md` and its figures from the study's result files; returns report.md."""
+    """Write `<study_dir>/report.md` and its figures from the study's result files; returns report.md.
+
+    Args:
+        study_dir: The study directory (`out` of the study YAML), holding study.json.
+    """
     # Imported here: matplotlib is slow to import.
     from study.figures import fid_is_figure, gate_clamp_figure, probe_figure
 

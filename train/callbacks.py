@@ -22,11 +22,25 @@ from tokenizers_vq.checkpoint import save_vq
 from tokenizers_vq.files import atomic_write, atomic_write_text
 
 
-def _log_dir(trainer: L.Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir)
+class RunDirCallback(L.Callback):
+    """A callback that writes into the run directory. `trainer.log_dir` is a broadcast that every rank must
+    join, so it is read in `setup`, which runs on every rank, and not in the rank-0 hooks that write files
+    (a rank-0-only read waits forever for the other ranks, or crashes them, in multi-process training)."""
+
+    run_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
 
-class ReconstructionGrid(L.Callback):
+def _log_dir(callback: RunDirCallback) -> Path:
+    if callback.run_dir is None:
+        raise RuntimeError(f"{type(callback).__name__} writes before its setup ran; add it to the Trainer's "
+                           f"callbacks so Lightning calls its setup on every rank")
+    return callback.run_dir
+
+
+class ReconstructionGrid(RunDirCallback):
     """After each validation, saves originals (odd rows) above their reconstructions (even rows) as PNG.
 
     Writes `reconstructions/step_XXXXXXX.png` and a copy at `reconstructions.png` (the latest).
@@ -48,12 +62,12 @@ class ReconstructionGrid(L.Callback):
         for start in range(0, images.shape[0], self.images_per_row):
             rows += [images[start:start + self.images_per_row], reconstructions[start:start + self.images_per_row]]
         grid = make_grid(torch.cat(rows).float().cpu() * 0.5 + 0.5, nrow=self.images_per_row, padding=1)
-        out = _log_dir(trainer) / "reconstructions" / f"step_{trainer.global_step:07d}.png"
-        for path in (out, _log_dir(trainer) / "reconstructions.png"):
+        out = _log_dir(self) / "reconstructions" / f"step_{trainer.global_step:07d}.png"
+        for path in (out, _log_dir(self) / "reconstructions.png"):
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
-class MetricsJson(L.Callback):
+class MetricsJson(RunDirCallback):
     """Writes the latest validation metrics (`val/*`) with step and epoch to `<log_dir>/metrics.json`."""
 
     def __init__(self, prefix: str = "val/"):
@@ -79,10 +93,10 @@ class MetricsJson(L.Callback):
         if checkpoint is not None and checkpoint.monitor and checkpoint.best_model_score is not None:
             report["best"] = {"monitor": checkpoint.monitor, "value": float(checkpoint.best_model_score),
                               "checkpoint": str(checkpoint.best_model_path)}
-        atomic_write_text(_log_dir(trainer) / "metrics.json", json.dumps(report, indent=2, sort_keys=True))
+        atomic_write_text(_log_dir(self) / "metrics.json", json.dumps(report, indent=2, sort_keys=True))
 
 
-class ExportModel(L.Callback):
+class ExportModel(RunDirCallback):
     """At the end of fit, saves `pl_module.model` (EMA weights when EMA is on: Lightning's callback has
     copied them in by then) as safetensors + config.json in `<log_dir>/<dirname>`, the directory later
     stages read (`load_tokenizer` for a VQModel, `engram_vision.checkpoint.load_gpt` for an EngramGPT).
@@ -105,15 +119,15 @@ class ExportModel(L.Callback):
             model = copy.deepcopy(model)
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
         if isinstance(model, EngramGPT):
-            save_gpt(model, _log_dir(trainer) / self.dirname)
+            save_gpt(model, _log_dir(self) / self.dirname)
         else:
-            save_vq(model, _log_dir(trainer) / self.dirname)
+            save_vq(model, _log_dir(self) / self.dirname)
 
 
 GRID_SAMPLING = SamplingConfig(cfg_scale=2.0)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(RunDirCallback):
     """Every `every_n_steps` training steps, samples `per_class` images for each of the first `num_classes`
     classes (one row per class) and saves `samples/step_XXXXXXX.png` and `samples.png` (the latest).
 
@@ -164,6 +178,6 @@ class SampleGrid(L.Callback):
         tokenizer = self._tokenizer.to(device)
         images = tokenizer.decode(tokens.reshape(-1, *model.config.token_grid)).clamp(-1, 1).float().cpu()
         grid = make_grid(images * 0.5 + 0.5, nrow=self.per_class, padding=1)
-        for path in (_log_dir(trainer) / "samples" / f"step_{trainer.global_step:07d}.png",
-                     _log_dir(trainer) / "samples.png"):
+        for path in (_log_dir(self) / "samples" / f"step_{trainer.global_step:07d}.png",
+                     _log_dir(self) / "samples.png"):
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))

@@ -273,7 +273,10 @@ def extract_tokens(
         batch_size: Images per batch (the tokenizer sees batch_size x V views).
         num_workers: DataLoader workers; None takes the DataModule's `num_workers`.
         tokenizer_size: Config name of a LlamaGen `.pt` (`vq-16` when None).
-        devices, accelerator, strategy, precision: Lightning Trainer settings (DDP = several devices).
+        devices: Lightning devices (several: DDP, each rank encodes its own shards).
+        accelerator: Lightning accelerator (cpu, gpu, auto, ...).
+        strategy: Lightning strategy (auto, ddp, ...).
+        precision: Lightning precision (e.g. 32-true, bf16-mixed).
         callbacks: Extra Lightning callbacks (e.g. to monitor the run).
 
     Returns:
