@@ -25,6 +25,7 @@ from jsonargparse import DefaultHelpFormatter, auto_cli, set_parsing_settings
 from engram_vision.config import MODEL_SIZES, EngramConfig, ModelConfig, model_config
 from engram_vision.model import EngramGPT
 from engram_vision.param_groups import adamw
+from metrics.features import accelerator_device
 from sample.generate import generate
 from sample.sampling import SamplingConfig
 
@@ -216,12 +217,7 @@ class BenchmarkArgs:
     @property
     def device(self) -> str:
         """The torch device the accelerator names: "cpu" or "cuda" (the value of the JSON's `device`)."""
-        if self.accelerator == "cpu" or (self.accelerator == "auto" and not torch.cuda.is_available()):
-            return "cpu"
-        if not torch.cuda.is_available():
-            raise ValueError(f"accelerator {self.accelerator!r}: no CUDA device is visible; "
-                             "use --accelerator cpu or auto")
-        return "cuda"
+        return accelerator_device(self.accelerator).type
 
     def apply_threads(self) -> None:
         """Set torch's CPU threads to `threads` (when given); call before building any model."""

@@ -61,6 +61,12 @@ def _sample_labels(path: Path, kind: str) -> np.ndarray | None:
         return data["labels"].astype(np.int64) if "labels" in data.files else None
 
 
+def _metric_names(metrics: str) -> list[str]:
+    """"fid, is" -> ["fid", "is"]. A function, not a property of EvaluateConfig: the command line would
+    offer a public method or property of the config as a subcommand."""
+    return [m.strip() for m in metrics.split(",") if m.strip()]
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Score samples against a reference: FID, IS, KID, precision/recall, class accuracy -> metrics.json.
@@ -96,8 +102,7 @@ class EvaluateConfig:
     """Number of IS splits."""
 
     def __post_init__(self) -> None:
-        wanted = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        unknown = sorted(set(wanted) - set(ALL_METRICS))
+        unknown = sorted(set(_metric_names(self.metrics)) - set(ALL_METRICS))
         if unknown:
             raise ValueError(f"EvaluateConfig.metrics: unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
         for name in ("batch_size", "kid_subset_size", "isc_splits"):
@@ -111,7 +116,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if config.samples is None:
         raise ValueError("EvaluateConfig.samples is not set: name the sample directory to score")
     samples, reference, weights, out = config.samples, config.reference, config.weights, config.out
-    wanted = [m.strip() for m in config.metrics.split(",") if m.strip()]
+    wanted = _metric_names(config.metrics)
     fx = build_extractor(config.extractor, weights=weights, device=accelerator_device(config.accelerator),
                          batch_size=config.batch_size)
 

@@ -41,6 +41,16 @@ def _seed_and_threads() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (tiny convolutions run fastest so, and some CPU quotas make two
+    threads crawl); the previous count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU-marked tests skip without CUDA instead of failing."""
     if torch.cuda.is_available():

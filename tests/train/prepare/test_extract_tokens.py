@@ -36,13 +36,7 @@ REPO = Path(__file__).resolve().parents[3]
 CPU = {"accelerator": "cpu", "devices": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread is fastest, and some CPU quotas make two threads crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
