@@ -27,6 +27,10 @@ from metrics.reference import data_hash, extract, iter_image_batches, load_refer
 from tokenizers_vq.files import atomic_write_text
 
 ALL_METRICS = ("fid", "is", "kid", "prc", "acc")
+# torch-fidelity names its results after Inception whatever the extractor; metrics.json uses neutral names
+# so a domain-classifier FID is not reported as an "inception" number.
+NEUTRAL_KEYS = {"inception_score_mean": "is_mean", "inception_score_std": "is_std",
+                "kernel_inception_distance_mean": "kid_mean", "kernel_inception_distance_std": "kid_std"}
 
 
 def samples_source(samples: str | Path) -> tuple[Path, str]:
@@ -132,7 +136,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         values["fid"] = _finite(FeatureStats.from_features(sample_feats).fid(ref.stats))
     if "is" in wanted:
         isc = isc_featuresdict_to_metric({"logits": torch.from_numpy(sample_logits)}, "logits", **tf_kwargs)
-        values.update({k: _finite(v) for k, v in isc.items()})
+        values.update({NEUTRAL_KEYS.get(k, k): _finite(v) for k, v in isc.items()})
     for name in ("kid", "prc"):
         if name not in wanted:
             continue
@@ -146,7 +150,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             res = kid_featuresdict_to_metric(f1, f2, "f", kid_subset_size=size, **tf_kwargs)
         else:  # torch-fidelity's convention: input 1 generated, input 2 real
             res = prc_featuresdict_to_metric(f1, f2, "f", **tf_kwargs)
-        values.update({k: _finite(v) for k, v in res.items()})
+        values.update({NEUTRAL_KEYS.get(k, k): _finite(v) for k, v in res.items()})
 
     if "acc" in wanted:
         labels = _sample_labels(sample_path, sample_kind)

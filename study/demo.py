@@ -113,7 +113,7 @@ def summarize(run_dir: Path, entropy: float) -> None:
         line = f"[demo] {name:<21} rho {rho:.2f}  val NLL {best:.3f} bits ({100 * (1 - best / entropy):.1f}% below unigram)"
         sample = _read(run_dir / entry["sample_metrics"] if entry["sample_metrics"] else None).get("metrics", {})
         if sample:
-            line += (f"  FID {sample['fid']:.2f}  IS {sample['inception_score_mean']:.2f}  "
+            line += (f"  FID {sample['fid']:.2f}  IS {sample['is_mean']:.2f}  "
                      f"class acc {100 * sample['class_accuracy']:.1f}%")
         probe = _read(run_dir / entry["probe_metrics"] if entry["probe_metrics"] else None)
         donors, interventions = probe.get("donors", {}), probe.get("interventions", {})

@@ -35,7 +35,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 def fid_is_figure(runs: list[Run], baseline: Run | None, path: Path) -> bool:
     """FID and IS against rho: the sweep as a line, the baseline as a level, variants as labelled points."""
-    panels = [("fid", None, "FID (lower is better)"), ("inception_score_mean", "inception_score_std", "IS")]
+    panels = [("fid", None, "FID (lower is better)"), ("is_mean", "is_std", "IS")]
     if not any(is_num(metric(r, key)) for r in runs for key, _, _ in panels):
         return False
     plt = _pyplot()

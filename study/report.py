@@ -89,8 +89,8 @@ def _runs_section(runs: list[Run]) -> list[str]:
               "precision", "recall"]
     rows = []
     for r in runs:
-        inception = _metric_cell(r, "inception_score_mean", ".2f")
-        if inception != MISSING and is_num(std := metric(r, "inception_score_std")):
+        inception = _metric_cell(r, "is_mean", ".2f")
+        if inception != MISSING and is_num(std := metric(r, "is_std")):
             inception += f" ± [{std:.2f}]({r.sample.href})"
         params = [f"[{_human(r.params.get(k))}](study.json)" if is_num(r.params.get(k)) else MISSING
                   for k in ("total", "memory")]

@@ -82,9 +82,15 @@ def get(source: Source | None, *keys: str) -> Any:
     return value
 
 
+# metrics.json files written before the neutral names (is_mean, kid_mean, ...) used torch-fidelity's
+LEGACY_KEYS = {"is_mean": "inception_score_mean", "is_std": "inception_score_std",
+               "kid_mean": "kernel_inception_distance_mean", "kid_std": "kernel_inception_distance_std"}
+
+
 def metric(run: Run, key: str) -> Any:
     """One sample metric (FID, IS, ...) of a run, None when not computed (skipped, or no sample metrics)."""
-    return get(run.sample, "metrics", key)
+    value = get(run.sample, "metrics", key)
+    return get(run.sample, "metrics", LEGACY_KEYS[key]) if value is None and key in LEGACY_KEYS else value
 
 
 def val_nll_bits(run: Run) -> float | None:

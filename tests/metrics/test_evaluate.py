@@ -49,10 +49,10 @@ def test_evaluate_writes_provenance_and_runs_torch_fidelity_metrics(tmp_path: Pa
     on_disk = json.loads((samples / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     m = on_disk["metrics"]
-    for key in ("fid", "inception_score_mean", "inception_score_std", "kernel_inception_distance_mean",
-                "kernel_inception_distance_std", "precision", "recall"):
+    for key in ("fid", "is_mean", "is_std", "kid_mean",
+                "kid_std", "precision", "recall"):
         assert key in m and m[key] is not None, key
-    assert m["fid"] > 0 and m["inception_score_mean"] >= 1.0 and 0 <= m["precision"] <= 1
+    assert m["fid"] > 0 and m["is_mean"] >= 1.0 and 0 <= m["precision"] <= 1
     assert on_disk["extractor"] == {"name": "fake-test", "weights_sha256": "0" * 64, "weights_path": ""}
     assert on_disk["reference"]["kind"] == "npz-images" and len(on_disk["reference"]["sha256"]) == 64
     assert on_disk["reference"]["num_samples"] == 32
@@ -84,7 +84,7 @@ def test_cli_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
                                      "--cache_dir", str(tmp_path / "cache")])
     main()
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed["metrics"]) == {"fid", "kernel_inception_distance_mean", "kernel_inception_distance_std"}
+    assert set(printed["metrics"]) == {"fid", "kid_mean", "kid_std"}
     assert json.loads((samples / "metrics.json").read_text())["reference"]["kind"] == "folder"
 
 

@@ -33,7 +33,7 @@ def _train(nats: float) -> dict[str, Any]:
 
 
 def _sample(fid: float, **extra: Any) -> dict[str, Any]:
-    metrics = {"fid": fid, "inception_score_mean": 5.28, "inception_score_std": 0.22, "precision": 0.71,
+    metrics = {"fid": fid, "is_mean": 5.28, "is_std": 0.22, "precision": 0.71,
                "recall": 0.59, "class_accuracy": 0.828, **extra}
     return {"metrics": metrics, "skipped": {}, "samples": {"num_samples": 30}}
 
