@@ -19,6 +19,7 @@ this over a study and writing metrics.json is `study/runner.py`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -212,11 +213,19 @@ def _bits(values: Tensor) -> Tensor:
     return values / math.log(2)
 
 
+def images_sha256(tokens: Tensor, labels: Tensor) -> str:
+    """A hash of the probed images (tokens and labels, in order): equal hashes mean per-image values of two
+    runs are paired."""
+    digest = hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes())
+    digest.update(labels.to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run_probes(model: EngramGPT, tokens: Tensor, labels: Tensor, config: ProbeConfig = ProbeConfig(),
                pool_tokens: Tensor | None = None, pool_labels: Tensor | None = None) -> dict:
     """Every probe of `config` on held-out images tokens [N,T] / labels [N]; a JSON-ready dict:
 
-    nll_bits (the model as trained), gate_sweep [{gate, nll_bits, kl}], donors {kind: {kl, hamming}},
+    nll_bits (the model as trained) and nll_bits_per_image [N], gate_sweep [{gate, nll_bits, kl}], donors {kind: {kl, hamming}},
     interventions {kind: {kl, ratio_to_donors {donor: interval}}}, permutation_tests [{a, b, mean_difference,
     p_value, permutations}], settings. Each interval is {mean, low, high} (a ratio's entries are None where
     the donor effect is 0). A model without Engram gets its NLL
@@ -242,10 +251,13 @@ def run_probes(model: EngramGPT, tokens: Tensor, labels: Tensor, config: ProbeCo
             probes[kind] = Probe(parameters=tables[kind]())
     nll, scores = score_probes(model, tokens, labels, probes, config.batch_size)
 
-    result: dict = {"nll_bits": _interval(_bits(nll), np_rng, config), "gate_sweep": [], "donors": {},
+    result: dict = {"nll_bits": _interval(_bits(nll), np_rng, config),
+                    # per image, so runs probed on the same images can be compared pairwise
+                    "nll_bits_per_image": _bits(nll).tolist(), "gate_sweep": [], "donors": {},
                     "interventions": {}, "permutation_tests": [],
                     "settings": {**asdict(config), "num_images": int(tokens.shape[0]),
                                  "positions_per_image": int(tokens.shape[1]),
+                                 "images_sha256": images_sha256(tokens, labels),
                                  "donor_pool": "held-out images" if pool_tokens is None else "given pool"}}
     if not has_engram:
         return result
@@ -273,4 +285,4 @@ def run_probes(model: EngramGPT, tokens: Tensor, labels: Tensor, config: ProbeCo
 
 
 __all__ = ["DONOR_KINDS", "GATES", "INTERVENTIONS", "Probe", "ProbeConfig", "choose_donors", "hamming_distances",
-           "run_probes", "score_probes"]
+           "images_sha256", "run_probes", "score_probes"]

@@ -1,11 +1,14 @@
-"""Resampling statistics for the probes: percentile-bootstrap intervals of a mean and of a ratio of paired
-means, and a paired sign-flip permutation test. numpy only; every function takes an explicit
-`numpy.random.Generator`, so a probe run is reproducible from its seed.
+"""Interval statistics of the study: percentile-bootstrap intervals of a mean, of a ratio of paired means
+and of any statistic of a sample set (FID, IS, class accuracy), a paired sign-flip permutation test, and
+Student-t intervals across training seeds. numpy (and scipy.stats for t quantiles); every resampling
+function takes an explicit `numpy.random.Generator`, so a run is reproducible from its seed.
 
-The probes that produce the per-image values are `probes.py`.
+The values come from others: the probes (`probes.py`), the metrics (`metrics.evaluate`) and the report.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -77,4 +80,53 @@ def paired_permutation_test(first, second, rng: np.random.Generator,
             "permutations": num_permutations}
 
 
-__all__ = ["bootstrap_mean", "bootstrap_ratio", "paired_permutation_test"]
+def bootstrap_statistic(statistic: Callable[[np.ndarray], float], size: int, rng: np.random.Generator,
+                        num_resamples: int = 200, level: float = 0.95) -> dict[str, float]:
+    """{"low", "high", "resamples"}: a percentile-bootstrap interval of `statistic(index)`, a number computed
+    from the items `index` [size] of a sample set drawn with replacement (e.g. FID of those samples)."""
+    if size < 2:
+        raise ValueError(f"bootstrap_statistic: need at least 2 items, got {size}")
+    replicates = np.array([statistic(index) for index in _resample_index(size, num_resamples, rng)], np.float64)
+    replicates = replicates[np.isfinite(replicates)]
+    if replicates.size == 0:
+        raise ValueError("bootstrap_statistic: the statistic was not finite on any resample")
+    interval = _interval(float("nan"), replicates, level)
+    return {"low": interval["low"], "high": interval["high"], "resamples": int(replicates.size)}
+
+
+def t_interval(values, level: float = 0.95) -> dict[str, float | int | None]:
+    """{"mean", "low", "high", "n", "std"}: the mean of independent values (e.g. one per training seed) with
+    a Student-t interval; low/high/std are None for a single value (no spread can be estimated)."""
+    array = _as_vector(values, "t_interval")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    mean = float(array.mean())
+    if array.size < 2:
+        return {"mean": mean, "low": None, "high": None, "n": 1, "std": None}
+    from scipy import stats
+
+    std = float(array.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, array.size - 1) * std / np.sqrt(array.size))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(array.size), "std": std}
+
+
+def welch_interval(first, second, level: float = 0.95) -> dict[str, float | int | None]:
+    """{"mean", "low", "high", "n"}: mean(first) - mean(second) for two independent groups (e.g. a run's
+    seeds against the baseline's) with a Welch t interval; None bounds when a group has a single value."""
+    a, b = _as_vector(first, "welch_interval"), _as_vector(second, "welch_interval")
+    difference = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return {"mean": difference, "low": None, "high": None, "n": int(min(a.size, b.size))}
+    from scipy import stats
+
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = float(np.sqrt(va + vb))
+    if se == 0:
+        return {"mean": difference, "low": difference, "high": difference, "n": int(min(a.size, b.size))}
+    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    return {"mean": difference, "low": difference - half, "high": difference + half, "n": int(min(a.size, b.size))}
+
+
+__all__ = ["bootstrap_mean", "bootstrap_ratio", "bootstrap_statistic", "paired_permutation_test", "t_interval",
+           "welch_interval"]

@@ -21,6 +21,7 @@ from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
+from engram_vision.stats import bootstrap_statistic
 from metrics.features import accelerator_device, build_extractor
 from metrics.fid import FeatureStats
 from metrics.reference import data_hash, extract, iter_image_batches, load_reference, source_kind
@@ -104,6 +105,13 @@ class EvaluateConfig:
     """KID subset size, capped at the smaller sample count."""
     isc_splits: int = 10
     """Number of IS splits."""
+    bootstrap: int = 0
+    """Bootstrap resamples of the samples for intervals of FID, IS and class accuracy (0: no intervals).
+    Resampling with replacement repeats images, which raises FID, so FID's interval sits above its value."""
+    level: float = 0.95
+    """Confidence level of the bootstrap intervals."""
+    seed: int = 0
+    """Seeds the bootstrap resampling."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(_metric_names(self.metrics)) - set(ALL_METRICS))
@@ -112,6 +120,32 @@ class EvaluateConfig:
         for name in ("batch_size", "kid_subset_size", "isc_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvaluateConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.bootstrap < 0 or not 0 < self.level < 1:
+            raise ValueError(f"EvaluateConfig: bootstrap must be >= 0 and level in (0, 1), got {self.bootstrap} "
+                             f"and {self.level}")
+
+
+def _bootstrap_intervals(config: EvaluateConfig, values: dict[str, float | None], feats: np.ndarray,
+                         logits: np.ndarray, labels: np.ndarray | None, reference: FeatureStats,
+                         tf_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """{metric: {low, high, resamples}} for FID, IS and class accuracy over `config.bootstrap` resamples of
+    the samples (the reference stays fixed), or {} when bootstrapping is off."""
+    if config.bootstrap == 0:
+        return {}
+    rng = np.random.default_rng(config.seed)
+    statistics = {
+        "fid": lambda index: FeatureStats.from_features(feats[index]).fid(reference),
+        "is_mean": lambda index: isc_featuresdict_to_metric(
+            {"logits": torch.from_numpy(logits[index])}, "logits", **tf_kwargs)["inception_score_mean"],
+        "class_accuracy": lambda index: float((logits[index].argmax(axis=1) == labels[index]).mean()),
+    }
+    return {name: {**bootstrap_statistic(statistic, len(feats), rng, config.bootstrap, config.level),
+                   "level": config.level}
+            for name, statistic in statistics.items() if is_finite_number(values.get(name))}
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
@@ -152,19 +186,23 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             res = prc_featuresdict_to_metric(f1, f2, "f", **tf_kwargs)
         values.update({NEUTRAL_KEYS.get(k, k): _finite(v) for k, v in res.items()})
 
+    labels = _sample_labels(sample_path, sample_kind) if "acc" in wanted else None
     if "acc" in wanted:
-        labels = _sample_labels(sample_path, sample_kind)
         if labels is None:
             skipped["acc"] = "the samples carry no labels (samples.npz without `labels`)"
         else:
             # Does the classifier see the class the sample was generated for?
             values["class_accuracy"] = float((sample_logits.argmax(axis=1) == labels).mean())
+    intervals = _bootstrap_intervals(config, values, sample_feats, sample_logits, labels, ref.stats, tf_kwargs)
 
     report = {
         "metrics": values,
+        "intervals": intervals,
         "skipped": skipped,
         "extractor": {"name": fx.name, "weights_sha256": fx.weights_sha256,
-                      "weights_path": str(getattr(fx, "weights_path", weights) or "")},
+                      "weights_path": str(getattr(fx, "weights_path", weights) or ""),
+                      # what the features are (for a domain classifier: the data it learnt, its accuracy)
+                      "description": getattr(fx, "description", None)},
         "reference": {
             "path": str(Path(reference).resolve()) if "{" not in reference else reference,
             "kind": ref.kind,

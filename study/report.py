@@ -3,7 +3,8 @@
 Reads what the study runner (study/runner.py) leaves in `<study_dir>`: `study.json` (the runs, their rho,
 parameter counts and Engram settings, and paths to each run's results), the training metrics, the sample
 metrics and samples.npz files, and the probe metrics written by engram_vision/probes.py. Writes
-`<study_dir>/report.md` and PNG figures (drawn by `study/figures.py`) under `<study_dir>/figures/`:
+`<study_dir>/report.md`, `<study_dir>/summary.json` (each run's means over seeds with intervals, and its
+comparison with the baseline from study/compare.py, which the report's numbers link to) and PNG figures (drawn by `study/figures.py`) under `<study_dir>/figures/`:
 fid_is_vs_rho.png, gate_clamp.png, probe_effects.png and samples_<run>.png.
 
 This module only formats: training, sampling, scoring and probing are the runner's and the probes' job.
@@ -23,8 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engram_vision.stats import t_interval
 from study.results import (
     Run,
+    Source,
     get,
     is_num,
     kl_floor,
@@ -32,14 +35,16 @@ from study.results import (
     load_runs,
     load_source,
     metric,
+    recon_metric,
+    seed_values,
     sweep,
     val_nll_bits,
 )
 from tokenizers_vq.files import atomic_write_text
 
 MISSING = "–"
-UNITS = ("NLL is in bits/token, KL divergences in nats; intervals are 95% bootstrap intervals over "
-         "held-out images.")
+UNITS = ("NLL is in bits/token, KL divergences in nats. Intervals of one model's probes are 95% bootstrap "
+         "intervals over held-out images; the intervals of runs with several seeds are over seeds.")
 
 
 # -------------------------------------------------------------------------------------------- formatting
@@ -79,29 +84,106 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- sections
 
 
-def _metric_cell(r: Run, key: str, fmt: str, scale: float = 1.0) -> str:
+SUMMARY = "summary.json"
+
+
+def _metric_cell(r: Run, key: str, fmt: str, scale: float = 1.0, summary: dict[str, Any] | None = None) -> str:
+    """A run's sample metric: the mean over seeds with its t interval (linked to summary.json) for several
+    seeds; for one, the value with its bootstrap interval over samples where metrics.json has one."""
+    stats = (summary or {}).get(r.name, {}).get(key)
+    if len(r.members) > 1 and isinstance(stats, dict):
+        return _scaled_ci(stats, fmt, scale, SUMMARY)
     value = metric(r, key)
-    return _num(value * scale if is_num(value) else None, fmt, r.sample and r.sample.href)
+    href = r.sample and r.sample.href
+    cell = _num(value * scale if is_num(value) else None, fmt, href)
+    interval = get(r.sample, "intervals", key)
+    if cell != MISSING and isinstance(interval, dict) and is_num(interval.get("low")):
+        cell += f" [[{interval['low'] * scale:{fmt}}, {interval['high'] * scale:{fmt}}]({href})]"
+    return cell
 
 
-def _runs_section(runs: list[Run]) -> list[str]:
-    header = ["run", "rho", "params", "memory", "table", "gate", "val NLL (bits)", "FID", "IS", "class acc.",
-              "precision", "recall"]
+def _scaled_ci(stats: dict[str, Any], fmt: str, scale: float, href: str) -> str:
+    scaled = {k: v * scale if is_num(v) else v for k, v in stats.items() if k in ("mean", "low", "high")}
+    return _ci(scaled, fmt, href)
+
+
+def run_summary(runs: list[Run], level: float) -> dict[str, dict[str, Any]]:
+    """{run: {quantity: mean over seeds with a t interval}} for the quantities the comparisons use."""
+    from study.compare import QUANTITIES
+
+    summary: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        summary[r.name] = {"seeds": [m.seed for m in r.members]}
+        for key, *_, value in QUANTITIES:
+            values = seed_values(r, value)
+            summary[r.name][key] = t_interval(values, level) if values else None
+    return summary
+
+
+def _runs_section(runs: list[Run], summary: dict[str, Any], recon: Source | None) -> list[str]:
+    header = ["run", "seeds", "rho", "params", "memory", "table", "gate", "val NLL (bits)", "held-out NLL (bits)",
+              "FID", "FID vs recon.", "IS", "class acc.", "precision", "recall"]
     rows = []
     for r in runs:
-        inception = _metric_cell(r, "is_mean", ".2f")
-        if inception != MISSING and is_num(std := metric(r, "is_std")):
+        inception = _metric_cell(r, "is_mean", ".2f", summary=summary)
+        if len(r.members) == 1 and inception != MISSING and is_num(std := metric(r, "is_std")) \
+                and get(r.sample, "intervals", "is_mean") is None:
             inception += f" ± [{std:.2f}]({r.sample.href})"
         params = [f"[{_human(r.params.get(k))}](study.json)" if is_num(r.params.get(k)) else MISSING
                   for k in ("total", "memory")]
         engram = r.engram or {}
-        rows.append([r.name, _num(r.rho, ".2f", "study.json"), *params, _gate_label(engram.get("table")),
-                     _gate_label(engram.get("gate")), _num(val_nll_bits(r), ".3f", r.train and r.train.href),
-                     _metric_cell(r, "fid", ".2f"), inception,
-                     _metric_cell(r, "class_accuracy", ".1f", 100.0), _metric_cell(r, "precision", ".3f"),
+        several = len(r.members) > 1
+        val_nll = _ci(summary[r.name]["val_nll"], ".3f", SUMMARY) if several else \
+            _num(val_nll_bits(r), ".3f", r.train and r.train.href)
+        held_out = _ci(summary[r.name]["nll"], ".3f", SUMMARY) if several else \
+            _ci(get(r.probe, "nll_bits"), ".3f", r.probe and r.probe.href)
+        recon_fid = _ci(summary[r.name]["fid_vs_reconstructions"], ".2f", SUMMARY) if several else \
+            _num(recon_metric(r, "fid"), ".2f", r.recon and r.recon.href)
+        rows.append([r.name, str(len(r.members)), _num(r.rho, ".2f", "study.json"), *params,
+                     _gate_label(engram.get("table")), _gate_label(engram.get("gate")), val_nll, held_out,
+                     _metric_cell(r, "fid", ".2f", summary=summary), recon_fid, inception,
+                     _metric_cell(r, "class_accuracy", ".1f", 100.0, summary), _metric_cell(r, "precision", ".3f"),
                      _metric_cell(r, "recall", ".3f")])
-    return ["## Runs", "", "Val NLL is the best checkpoint's (bits/token); class accuracy in %. "
-            f"{MISSING} marks results not produced yet.", "", *_table(header, rows)]
+    lines = ["## Runs", "",
+             "Val NLL is the best checkpoint's, held-out NLL the probes' on the held-out images (bits/token); "
+             "class accuracy in %. A run with several seeds shows the mean over seeds with a t interval "
+             "across seeds; a single model shows bootstrap intervals over images (NLL) or samples (FID, IS, "
+             "class accuracy), where computed. Bootstrap resampling repeats samples, which raises FID, so a "
+             "single model's FID interval sits above its value. Precision and recall are the first seed's. "
+             f"{MISSING} marks results not produced yet.", "", *_table(header, rows)]
+    if recon is not None:
+        floor = get(recon, "metrics", "fid")
+        lines += [f"FID vs recon. scores the samples against the tokenizer's reconstructions of the real images, "
+                  f"so the AR prior is judged apart from the tokenizer's error; the reconstructions themselves "
+                  f"score FID {_num(floor, '.2f', recon.href)} against the real images (the tokenizer's floor).", ""]
+    return lines
+
+
+def _comparison_section(comparisons: list[dict[str, Any]], baseline: Run) -> list[str]:
+    """Each run against the baseline: differences with intervals, and the sentences they allow."""
+    if not comparisons:
+        return []
+    level = comparisons[0]["level"]
+    header = ["run", "seeds", "Δ held-out NLL per image (bits) [interval], p", "Δ held-out NLL over seeds (bits)",
+              "Δ FID over seeds", "Δ class acc. over seeds"]
+    rows = []
+    for c in comparisons:
+        paired = c["paired_nll"]
+        paired_cell = MISSING if paired is None else \
+            f"{_ci(paired, '+.4f', SUMMARY)}, p = [{paired['p_value']:.3g}]({SUMMARY})"
+        rows.append([c["run"], f"{c['seeds']} vs {c['baseline_seeds']}", paired_cell,
+                     *(_ci(c["differences"].get(k), fmt, SUMMARY) for k, fmt in
+                       (("nll", "+.4f"), ("fid", "+.2f"), ("class_accuracy", "+.3f")))])
+    lines = [f"## Against the baseline ({baseline.name})", "",
+             f"Differences are run minus baseline with {level:.0%} intervals. Per image: the held-out NLL of "
+             "each image (averaged over a run's seeds) minus the baseline's on the same image, a bootstrap "
+             "interval over images and a paired permutation test. Over seeds: the difference of seed means, "
+             "with a t interval (paired by seed when both runs have the same seeds); it needs two seeds on "
+             "each side. A difference is claimed only where its interval excludes zero.", "",
+             *_table(header, rows)]
+    for c in comparisons:
+        lines += [f"- {s}" for s in c["sentences"]]
+    return [*lines, ""]
 
 
 def _gate_section(study_dir: Path, runs: list[Run]) -> list[str]:
@@ -176,6 +258,14 @@ def _samples_section(runs: list[Run], figures: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- report
 
 
+def get_path(data: dict[str, Any], *keys: str) -> str | None:
+    """data[k1][k2]... when it is a string (a path in study.json), else None."""
+    value: Any = data
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def build_report(study_dir: str | Path) -> Path:
     """Write `<study_dir>/report.md` and its figures from the study's result files; returns report.md.
 
@@ -192,8 +282,18 @@ def build_report(study_dir: str | Path) -> Path:
     baseline = next((r for r in runs if r.name == study.get("baseline")), None)
     baseline = baseline or next((r for r in runs if r.kind == "baseline"), None)
 
+    from study.compare import compare_all, probe_settings
+
+    level = probe_settings(baseline)["level"] if baseline is not None else 0.95
+    summary = run_summary(runs, level)
+    comparisons = compare_all(runs, baseline)
+    atomic_write_text(study_dir / SUMMARY, json.dumps({"runs": summary, "comparisons": comparisons}, indent=2,
+                                                      allow_nan=False) + "\n")
+    recon = load_source(study_dir, get_path(study, "reconstructions", "metrics"))
     lines = [f"# Study: {study.get('name', study_dir.name)}", "",
-             f"Produced by `{study.get('command', '?')}`.", "", UNITS, "", *_runs_section(runs)]
+             f"Produced by `{study.get('command', '?')}`.", "", UNITS, "", *_runs_section(runs, summary, recon)]
+    if baseline is not None:
+        lines += _comparison_section(comparisons, baseline)
     if fid_is_figure(runs, baseline, figures / "fid_is_vs_rho.png"):
         lines += ["![FID and IS against rho](figures/fid_is_vs_rho.png)", ""]
     gated = [r for r in runs if sweep(r)]

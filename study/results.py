@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,22 @@ class Source:
 
 
 @dataclass
+class Member:
+    """One trained model of a run (one seed) and its result files."""
+
+    seed: int | None
+    train: Source | None
+    sample: Source | None
+    recon: Source | None
+    probe: Source | None
+    samples: Path | None
+
+
+@dataclass
 class Run:
+    """A run of the study; `train`/`sample`/`recon`/`probe`/`samples` are its first seed's (what figures
+    of single models show), `members` all its seeds."""
+
     name: str
     rho: float | None
     params: dict[str, Any]
@@ -33,6 +49,8 @@ class Run:
     sample: Source | None
     probe: Source | None
     samples: Path | None
+    members: list[Member] = field(default_factory=list)
+    recon: Source | None = None
 
     @property
     def kind(self) -> str:
@@ -64,13 +82,22 @@ def load_source(study_dir: Path, path: str | None) -> Source | None:
         return None
 
 
+def _member(study_dir: Path, entry: dict[str, Any]) -> Member:
+    samples = resolve(study_dir, entry.get("samples"))
+    return Member(entry.get("seed"), load_source(study_dir, entry.get("train_metrics")),
+                  load_source(study_dir, entry.get("sample_metrics")),
+                  load_source(study_dir, entry.get("reconstruction_metrics")),
+                  load_source(study_dir, entry.get("probe_metrics")), samples[0] if samples else None)
+
+
 def load_runs(study_dir: Path, study: dict[str, Any]) -> list[Run]:
     runs = []
     for r in study.get("runs", []):
-        samples = resolve(study_dir, r.get("samples"))
-        runs.append(Run(r["name"], r.get("rho"), r.get("params") or {}, r.get("engram"),
-                        load_source(study_dir, r.get("train_metrics")), load_source(study_dir, r.get("sample_metrics")),
-                        load_source(study_dir, r.get("probe_metrics")), samples[0] if samples else None))
+        # a study.json written before seeds existed holds one model per run, at the top level
+        members = [_member(study_dir, m) for m in r.get("seeds") or [r]]
+        first = members[0]
+        runs.append(Run(r["name"], r.get("rho"), r.get("params") or {}, r.get("engram"), first.train,
+                        first.sample, first.probe, first.samples, members, first.recon))
     return runs
 
 
@@ -87,16 +114,51 @@ LEGACY_KEYS = {"is_mean": "inception_score_mean", "is_std": "inception_score_std
                "kid_mean": "kernel_inception_distance_mean", "kid_std": "kernel_inception_distance_std"}
 
 
+def source_metric(source: Source | None, key: str) -> Any:
+    """One metric of a metrics.json (new or legacy name), None when not computed."""
+    value = get(source, "metrics", key)
+    return get(source, "metrics", LEGACY_KEYS[key]) if value is None and key in LEGACY_KEYS else value
+
+
+def seed_values(run: Run, value: Callable[[Member], Any]) -> list[float]:
+    """`value(member)` of each seed of the run where it is a number."""
+    return [float(v) for v in (value(m) for m in run.members or [run_as_member(run)]) if is_num(v)]
+
+
+def run_as_member(run: Run) -> Member:
+    return Member(None, run.train, run.sample, run.recon, run.probe, run.samples)
+
+
+def seed_mean(run: Run, value: Callable[[Member], Any]) -> float | None:
+    """The mean over the run's seeds of `value(member)`, None when no seed has it."""
+    values = seed_values(run, value)
+    return sum(values) / len(values) if values else None
+
+
 def metric(run: Run, key: str) -> Any:
-    """One sample metric (FID, IS, ...) of a run, None when not computed (skipped, or no sample metrics)."""
-    value = get(run.sample, "metrics", key)
-    return get(run.sample, "metrics", LEGACY_KEYS[key]) if value is None and key in LEGACY_KEYS else value
+    """One sample metric (FID, IS, ...) of a run, the mean over its seeds; None when not computed."""
+    return seed_mean(run, lambda m: source_metric(m.sample, key))
+
+
+def recon_metric(run: Run, key: str) -> Any:
+    """A sample metric against the tokenizer's reconstructions, the mean over seeds; None when absent."""
+    return seed_mean(run, lambda m: source_metric(m.recon, key))
+
+
+def probe_nll(member: Member) -> Any:
+    """The held-out NLL (bits/token) of one seed's model as trained, from the probes."""
+    return get(member.probe, "nll_bits", "mean")
+
+
+def member_val_nll(member: Member) -> float | None:
+    best = get(member.train, "best", "value")
+    return best / math.log(2) if is_num(best) else get(member.train, "metrics", "bits_per_token")
 
 
 def val_nll_bits(run: Run) -> float | None:
-    """Best val NLL (nats, as monitored) in bits; the last evaluation's bits/token when no best exists."""
-    best = get(run.train, "best", "value")
-    return best / math.log(2) if is_num(best) else get(run.train, "metrics", "bits_per_token")
+    """Best val NLL (nats, as monitored) in bits, the mean over seeds; the last evaluation's bits/token
+    when no best exists."""
+    return seed_mean(run, member_val_nll)
 
 
 def is_num(value: Any) -> bool:

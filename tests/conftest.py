@@ -1,5 +1,6 @@
 """Shared pytest fixtures: the LlamaGen reference vectors, deterministic torch settings, and the factories
-many tests share (small random GPTs, a random saved tokenizer, token shards written without a tokenizer).
+many tests share (small random GPTs, a random saved tokenizer, token shards written without a tokenizer, a
+seeded fake feature extractor).
 
 Factories are session-scoped fixtures that return plain functions, so module-scoped fixtures can use them
 and a test can build as many models or shard folders as it needs.
@@ -19,6 +20,7 @@ import webdataset as wds
 
 from engram_vision.config import EngramConfig, ModelConfig, model_config
 from engram_vision.model import EngramGPT
+from metrics.features import FeatureExtractor, register_extractor
 from tokenizers_vq import VQModel, vq_config
 from tokenizers_vq.checkpoint import save_vq
 
@@ -140,3 +142,31 @@ def token_shards() -> Callable[..., Path]:
 def constant_codes() -> Callable[..., list[np.ndarray]]:
     """`constant_codes(n, grid=(4, 4))`: n single-view code grids, image i filled with i % 16."""
     return _constant_codes
+
+
+class FakeExtractor(FeatureExtractor):
+    """4x4 average pool -> fixed random projections: features [N,8], logits [N,5]. Counts forward calls."""
+
+    name = "fake-test"
+    weights_sha256 = "0" * 64
+    calls = 0
+
+    def __init__(self, weights: str | None = None, device: str = "cpu", batch_size: int = 16) -> None:
+        super().__init__(device, batch_size)
+        g = torch.Generator().manual_seed(1)
+        self.w_feat = torch.randn(48, 8, generator=g)
+        self.w_logit = torch.randn(8, 5, generator=g)
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        type(self).calls += 1
+        x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1)
+        feats = torch.tanh(x @ self.w_feat)
+        return feats, feats @ self.w_logit
+
+
+@pytest.fixture(scope="session")
+def fake_extractor() -> type[FakeExtractor]:
+    """Registers `FakeExtractor` as "fake-test" for `build_extractor` (so no test loads the real Inception)
+    and returns the class (`.calls` counts its forward passes)."""
+    register_extractor("fake-test", FakeExtractor, overwrite=True)
+    return FakeExtractor

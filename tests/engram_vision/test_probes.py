@@ -144,6 +144,12 @@ def test_run_probes_on_a_learned_gate_model_and_on_a_baseline(random_model, tiny
     plain = run_probes(baseline, tokens, labels, config)
     assert plain["gate_sweep"] == [] and plain["donors"] == {} and plain["interventions"] == {}
     assert plain["nll_bits"]["low"] <= plain["nll_bits"]["mean"] <= plain["nll_bits"]["high"]
+    # per-image NLLs average to the reported mean; the images hash pairs them with other runs'
+    assert len(plain["nll_bits_per_image"]) == len(labels)
+    assert np.mean(plain["nll_bits_per_image"]) == pytest.approx(plain["nll_bits"]["mean"], rel=1e-12)
+    assert plain["settings"]["images_sha256"] == result["settings"]["images_sha256"]
+    assert run_probes(baseline, tokens, labels.flip(0), config)["settings"]["images_sha256"] != \
+        result["settings"]["images_sha256"]
     with pytest.raises(ValueError, match="unknown kinds"):
         ProbeConfig(donors=("closest",))
 

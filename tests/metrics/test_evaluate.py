@@ -53,7 +53,9 @@ def test_evaluate_writes_provenance_and_runs_torch_fidelity_metrics(tmp_path: Pa
                 "kid_std", "precision", "recall"):
         assert key in m and m[key] is not None, key
     assert m["fid"] > 0 and m["is_mean"] >= 1.0 and 0 <= m["precision"] <= 1
-    assert on_disk["extractor"] == {"name": "fake-test", "weights_sha256": "0" * 64, "weights_path": ""}
+    assert on_disk["extractor"] == {"name": "fake-test", "weights_sha256": "0" * 64, "weights_path": "",
+                                    "description": None}
+    assert on_disk["intervals"] == {}  # no bootstrap asked for
     assert on_disk["reference"]["kind"] == "npz-images" and len(on_disk["reference"]["sha256"]) == 64
     assert on_disk["reference"]["num_samples"] == 32
     assert on_disk["samples"]["num_samples"] == 24

@@ -20,6 +20,8 @@ from study.__main__ import main
 from study.runner import ProbeStep, SampleStep, StudyRun, study
 from tokenizers_vq import VQModel, vq_config
 from tokenizers_vq.checkpoint import save_vq
+from tokenizers_vq.files import file_sha256
+from train.data.digits import digits_split
 from train.data.images import DigitsDataModule
 from train.prepare.extract_tokens import extract_tokens
 
@@ -133,3 +135,76 @@ def test_study_checks_its_runs(tmp_path):
     with pytest.raises(ValueError, match="unknown kinds"):
         ProbeStep(tokens="t", settings=ProbeConfig(donors=("closest",)))
     assert SampleStep("c").args == []
+
+
+def test_seeds_intervals_and_the_reconstruction_reference(workspace, tmp_path, fake_extractor, monkeypatch):
+    """Two seeds per run: one folder per seed, different models, a summary with t intervals across seeds,
+    the per-image NLL paired with the baseline, and FID against the tokenizer's reconstructions too."""
+    torch.set_num_threads(1)
+    real, _ = digits_split("val")
+    np.savez(tmp_path / "real.npz", arr_0=real[:60])
+    out = tmp_path / "seeded"
+    spec = yaml.safe_load(_study_yaml(workspace, out).read_text())
+    spec["seeds"] = [0, 1]
+    spec["probes"]["gate_samples"] = 0
+    spec["evaluate"] = {"reference": str(tmp_path / "real.npz"), "extractor": "fake-test", "metrics": "fid,is,acc",
+                        "accelerator": "cpu", "cache_dir": str(tmp_path / "cache"), "isc_splits": 2,
+                        "bootstrap": 20}
+    spec["reconstructions"] = {"tokenizer": str(workspace["root"] / "tokenizer"), "accelerator": "cpu"}
+    config = tmp_path / "seeded.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    main(["run", "--config", str(config)])
+    index = json.loads((out / "study.json").read_text())
+    assert index["reconstructions"] == {"samples": "reconstructions/samples.npz",
+                                        "metrics": "reconstructions/metrics.json"}
+    with np.load(out / "reconstructions" / "samples.npz") as data:
+        assert data["arr_0"].shape == (60, 16, 16, 3)
+    floor = json.loads((out / "reconstructions" / "metrics.json").read_text())["metrics"]["fid"]
+    assert floor > 0
+    for entry in index["runs"]:
+        assert [m["seed"] for m in entry["seeds"]] == [0, 1]
+        folders = [m["train_metrics"] for m in entry["seeds"]]
+        assert folders == [f"ar/{entry['name']}/seed_0/metrics.json", f"ar/{entry['name']}/seed_1/metrics.json"]
+        hashes = {file_sha256(Path(m["model"]) / "model.safetensors") for m in entry["seeds"]}
+        assert len(hashes) == 2  # another seed, another model
+        for member in entry["seeds"]:
+            vs_recon = json.loads((out / member["reconstruction_metrics"]).read_text())
+            assert vs_recon["reference"]["path"] == str((out / "reconstructions" / "samples.npz").resolve())
+            manifest = json.loads((out / member["samples"]).parent.joinpath("manifest.json").read_text())
+            assert manifest["seed"] == member["seed"]
+    summary = json.loads((out / "summary.json").read_text())
+    base = summary["runs"]["baseline"]["nll"]
+    assert base["n"] == 2 and base["low"] < base["mean"] < base["high"]
+    (comparison,) = summary["comparisons"]
+    assert comparison["run"] == "engram" and comparison["paired_nll"]["num_images"] == 40
+    paired = comparison["paired_nll"]
+    assert paired["low"] <= paired["mean"] <= paired["high"] and 0 < paired["p_value"] <= 1
+    seeds = comparison["differences"]["nll"]
+    engram_nll = summary["runs"]["engram"]["nll"]["mean"]
+    assert seeds["test"] == "paired t over seeds" and seeds["mean"] == pytest.approx(engram_nll - base["mean"])
+    assert comparison["differences"]["fid_vs_reconstructions"]["n"] == 2
+    text = (out / "report.md").read_text()
+    assert "## Against the baseline (baseline)" in text and "FID vs recon." in text
+    assert all(s in text for s in comparison["sentences"]) and len(comparison["sentences"]) >= 4
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+
+    import train.cli
+
+    monkeypatch.setattr(train.cli, "run_stage", must_not_run)
+    monkeypatch.setattr("study.runner.sample_job", must_not_run)
+    monkeypatch.setattr("study.runner.run_probes", must_not_run)
+    monkeypatch.setattr("study.reconstructions.np.savez", must_not_run)
+    before = (out / "summary.json").read_text()
+    main(["run", "--config", str(config)])
+    assert (out / "summary.json").read_text() == before
+
+
+def test_seeds_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="distinct non-negative"):
+        StudyRun("a", config="c.yaml", seeds=[1, 1])
+    with pytest.raises(ValueError, match="finished one"):
+        StudyRun("a", model=str(tmp_path), seeds=[0])
+    with pytest.raises(ValueError, match="distinct non-negative"):
+        study("s", [StudyRun("a", config="c.yaml")], out=str(tmp_path), baseline="a", seeds=[])
