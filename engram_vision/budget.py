@@ -4,7 +4,8 @@ rho = P_backbone / (P_backbone + P_memory), where P_memory is the Engram tables 
 conv are backbone). `count_parameters` and `flops_per_token` are closed forms over a `ModelConfig` (no model
 is built; the tests check them against `EngramGPT` on the meta device). `solve_budget` picks, for a total
 budget and a rho, a backbone from a `Family` and the `rows_per_head` that fills the rest with memory;
-`budget_table` sweeps rho. `python -m study budget` prints GPT-B's table.
+`budget_table` sweeps rho. `python -m study budget` prints the table (any size, budget, data and Engram
+layout) and `python -m study configs` writes training configs from the solutions (study/configs.py).
 Building the model is `model.py`; the table primes come from `hashing.make_hash_params`; training the
 solved configs is `train/`.
 """
@@ -254,11 +255,12 @@ def solve_budget(total_params: int, rho: float, base: ModelConfig, engram: Engra
 
 
 def budget_table(total_params: int, rhos: Iterable[float], base: ModelConfig, engram: EngramConfig,
-                 family: Family = WIDTH) -> list[dict[str, Any]]:
-    """One row per rho: requested and achieved shape, counts, FLOPs/token and relative error."""
+                 family: Family = WIDTH, rho_tolerance: float = 0.01) -> list[dict[str, Any]]:
+    """One row per rho: requested and achieved shape, counts, FLOPs/token and relative error (each solved by
+    `solve_budget` with `rho_tolerance`)."""
     rows = []
     for rho in rhos:
-        s = solve_budget(total_params, rho, base, engram, family)
+        s = solve_budget(total_params, rho, base, engram, family, rho_tolerance)
         c = s.config
         rows.append({"rho": rho, "dim": c.dim, "n_layer": c.n_layer, "n_head": c.n_head,
                      "ffn_hidden": c.ffn_hidden, "rows_per_head": None if c.engram is None else c.engram.rows_per_head,

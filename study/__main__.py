@@ -10,13 +10,13 @@ from typing import Any
 
 from jsonargparse import auto_cli, set_parsing_settings
 
-from study.configs import budget, write_all
+from study.configs import budget, write_configs
 from study.demo import demo
 from study.domain_classifier import train_classifier
 from study.report import build_report
 from study.runner import study
 
-COMMANDS = {"run": study, "report": build_report, "demo": demo, "configs": write_all, "budget": budget,
+COMMANDS = {"run": study, "report": build_report, "demo": demo, "configs": write_configs, "budget": budget,
             "classifier": train_classifier}
 
 

@@ -128,12 +128,3 @@ def test_ar_config_counts_match_its_name(path):
     assert counts.total == pytest.approx(baseline.total, rel=0.01)
     if (rho := re.search(r"rho([\d.]+)", path.stem)) is not None:
         assert counts.rho == pytest.approx(float(rho.group(1)), abs=0.01 if family.startswith("gpt_b") else 0.05)
-
-
-def test_ar_configs_are_what_the_generator_writes(tmp_path):
-    from study.configs import write_all
-
-    written = write_all(tmp_path)
-    assert sorted(p.name for p in written) == sorted(p.name for p in AR_CONFIGS)
-    for path in written:
-        assert path.read_text() == (REPO / "configs" / "ar" / path.name).read_text(), path.name
