@@ -9,6 +9,8 @@ sampler settings, seed, label scheme). It runs through Lightning's predict loop 
 rerunning after an interruption samples only the missing batches; a rerun with other settings is refused.
 Every file is written atomically (a temporary file beside it, then a rename; a rerun removes the temporary
 files of a killed run), so a kill or a full disk never leaves a half-written PNG under its final name.
+Before the manifest or any image is written, `check_tokenizer_fits` compares the tokenizer's codebook with
+the model's vocabulary, naming the flags to change.
 Token generation is `sample/generate.py`; scoring the images is `python -m metrics evaluate`.
 """
 
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_png, encode_png
 
 from engram_vision.checkpoint import load_any_gpt
+from engram_vision.config import ModelConfig
 from sample.generate import generate
 from sample.sampling import SamplingConfig
 from tokenizers_vq.checkpoint import load_tokenizer
@@ -87,6 +90,28 @@ class SamplePlan:
         """This rank's batches (k % world_size == rank) with at least one image missing on disk."""
         return [k for k in range(rank, self.num_batches, world_size)
                 if not all(image_path(out, i).is_file() for i in self.indices(k))]
+
+
+CLI_TOKENIZER_FIX = ("pass the tokenizer whose codes the model was trained on (the token shards' meta.json names "
+                     "it) or the model trained on this tokenizer's codes; a LlamaGen .pt is read with the config "
+                     "named by --tokenizer_size / --model_size")
+
+
+def check_tokenizer_fits(config: ModelConfig, tokenizer: torch.nn.Module, model: str = "--model",
+                         tokenizer_name: str = "--tokenizer", fix: str = CLI_TOKENIZER_FIX) -> None:
+    """Raise a ValueError when `tokenizer` cannot be the one whose codes a model of `config` predicts.
+
+    The tokenizer's codebook must be exactly the model's vocabulary: a model of vocab_size V was trained on
+    the codes of a V-entry codebook, and another tokenizer decodes its tokens into other images (a larger
+    one without any error). The grid needs no check here: the tokenizers are convolutional and decode the
+    model's grid (`config.token_grid`) at grid x downsample factor pixels. `model`, `tokenizer_name` and
+    `fix` say in the message what to change (the flags of `python -m sample`, or a training callback's
+    YAML key).
+    """
+    codebook, vocab = int(tokenizer.codebook_size), int(config.vocab_size)
+    if codebook != vocab:
+        raise ValueError(f"{tokenizer_name} has a codebook of {codebook} codes but {model} predicts "
+                         f"vocab_size={vocab} tokens: {fix}")
 
 
 def _weights_hash(path: Path) -> str:
@@ -162,6 +187,8 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
     out_dir = Path(out)
     gpt = load_any_gpt(model, model_size)
     vq = load_tokenizer(tokenizer, tokenizer_size)
+    # Before the manifest, the images and the Trainer: a tokenizer of another codebook fails here.
+    check_tokenizer_fits(gpt.config, vq, model=f"--model {model}", tokenizer_name=f"--tokenizer {tokenizer}")
     plan = SamplePlan(num_samples, batch_size)
     settings = {"model": str(model), "model_sha256": _weights_hash(Path(model)), "tokenizer": str(tokenizer),
                 "tokenizer_sha256": _weights_hash(Path(tokenizer)), "num_samples": num_samples,

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from engram_vision.checkpoint import save_gpt
 from engram_vision.model import EngramGPT
 from sample.generate import generate
+from sample.job import check_tokenizer_fits
 from sample.sampling import SamplingConfig
-from tokenizers_vq.checkpoint import save_vq
+from tokenizers_vq.checkpoint import load_tokenizer, save_vq
 from tokenizers_vq.files import atomic_write, atomic_write_text
+from train.lit_ar import check_token_data
 
 
 class RunDirCallback(L.Callback):
@@ -40,31 +43,100 @@ def _log_dir(callback: RunDirCallback) -> Path:
     return callback.run_dir
 
 
-class ReconstructionGrid(RunDirCallback):
-    """After each validation, saves originals (odd rows) above their reconstructions (even rows) as PNG.
+def pick_per_class(labels: Tensor, taken: dict[int, int], per_class: int, max_classes: int) -> list[int]:
+    """Positions in `labels` [B] of the images to add to a per-class grid; updates `taken` (label -> count).
 
-    Writes `reconstructions/step_XXXXXXX.png` and a copy at `reconstructions.png` (the latest).
+    An image is picked while its class has fewer than `per_class` images and is one of the first
+    `max_classes` classes met (in the order the batches arrive), so a loader sorted by class (ImageFolder's
+    order) still fills a row for every class instead of the first batch's class only.
+    """
+    picked = []
+    for position, label in enumerate(labels.tolist()):
+        if label not in taken and len(taken) >= max_classes:
+            continue
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            picked.append(position)
+    return picked
+
+
+class ReconstructionGrid(RunDirCallback):
+    """After each validation, saves a grid with one row per class of the validation images (up to
+    `max_classes`, ascending labels): `per_class` (original, reconstruction) pairs side by side.
+
+    Images are picked while validation runs, with its weights (EMA, if on) in place: the first `per_class`
+    images of each of the first `max_classes` classes met (`pick_per_class`); picking stops once every class
+    (the data module's `num_classes`, when it has one) is full. A class with fewer images leaves blank cells.
+    Writes `reconstructions/step_XXXXXXX.png` and a copy at `reconstructions.png` (the latest); `labels`
+    holds the label of each grid row. Under DDP rank 0 shows the classes in its part of the validation set.
+
+    Args:
+        per_class: images of each class (each shown with its reconstruction: 2 x per_class columns).
+        max_classes: classes shown at most (rows).
     """
 
-    def __init__(self, num_images: int = 32, images_per_row: int = 16):
-        self.num_images = num_images
-        self.images_per_row = images_per_row
+    def __init__(self, per_class: int = 8, max_classes: int = 16):
+        if per_class < 1 or max_classes < 1:
+            raise ValueError(f"ReconstructionGrid: per_class and max_classes must be >= 1, got {per_class}, "
+                             f"{max_classes}")
+        self.per_class, self.max_classes = per_class, max_classes
+        self.labels: list[int] = []  # the label of each row of the last grid written
+        self._taken: dict[int, int] = {}
+        self._pairs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._full_at: int | None = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._taken, self._pairs = {}, {}
+        classes = _known_classes(trainer.datamodule)
+        self._full_at = self.per_class * min(self.max_classes, classes) if classes is not None else None
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        # The first batch of the epoch, while validation weights (EMA, if on) are in place.
-        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        images = batch[0][: self.num_images]
-        reconstructions = pl_module.model.decode(pl_module.model.encode(images)).clamp(-1, 1)
-        rows = []
-        for start in range(0, images.shape[0], self.images_per_row):
-            rows += [images[start:start + self.images_per_row], reconstructions[start:start + self.images_per_row]]
-        grid = make_grid(torch.cat(rows).float().cpu() * 0.5 + 0.5, nrow=self.images_per_row, padding=1)
+        if self._full_at is not None and sum(self._taken.values()) >= self._full_at:
+            return  # every class shown is full: nothing more to encode this epoch
+        images, labels = batch[0], batch[1]
+        picked = pick_per_class(labels.cpu(), self._taken, self.per_class, self.max_classes)
+        if not picked:
+            return
+        index = torch.tensor(picked, device=images.device)
+        originals = images[index]
+        reconstructions = pl_module.model.decode(pl_module.model.encode(originals)).clamp(-1, 1)
+        for label, original, reconstruction in zip(labels.cpu()[picked].tolist(), originals, reconstructions,
+                                                   strict=True):
+            # uint8 on the CPU: a full grid of 256 px images stays small.
+            self._pairs.setdefault(label, []).append((_to_uint8(original), _to_uint8(reconstruction)))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self._pairs:
+            return
+        self.labels = sorted(self._pairs)
+        blank = torch.zeros_like(next(iter(self._pairs.values()))[0][0])
+        cells = []
+        for label in self.labels:
+            pairs = self._pairs[label] + [(blank, blank)] * (self.per_class - len(self._pairs[label]))
+            cells += [image for pair in pairs for image in pair]
+        grid = make_grid(torch.stack(cells).float() / 255, nrow=2 * self.per_class, padding=1)
+        self._pairs = {}
         out = _log_dir(self) / "reconstructions" / f"step_{trainer.global_step:07d}.png"
         for path in (out, _log_dir(self) / "reconstructions.png"):
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+
+
+def _known_classes(data: object) -> int | None:
+    """The data module's `num_classes` when it can say without error (remote shards may not know it)."""
+    try:
+        classes = getattr(data, "num_classes", None)
+    except (OSError, ValueError):
+        return None
+    return classes if isinstance(classes, int) else None
+
+
+def _to_uint8(image: Tensor) -> Tensor:
+    """An image in [-1,1] -> uint8 on the CPU, as a saved PNG holds it."""
+    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 class MetricsJson(RunDirCallback):
@@ -129,13 +201,15 @@ GRID_SAMPLING = SamplingConfig(cfg_scale=2.0)
 
 class SampleGrid(RunDirCallback):
     """Every `every_n_steps` training steps, samples `per_class` images for each of the first `num_classes`
-    classes (one row per class) and saves `samples/step_XXXXXXX.png` and `samples.png` (the latest).
+    classes (one row per class, labels 0, 1, ...: `grid_labels`) and saves `samples/step_XXXXXXX.png` and
+    `samples.png` (the latest). At setup, before any step, it loads the tokenizer and checks that its
+    codebook is the model's vocabulary, so a wrong tokenizer path fails then rather than at the first grid.
 
     Args:
         tokenizer: the tokenizer that decodes the model's tokens (a directory or LlamaGen .pt).
         every_n_steps: sampling interval in optimizer steps.
         per_class: images per class (columns).
-        num_classes: classes shown (rows), from label 0.
+        num_classes: classes shown (rows), from label 0; capped at the model's classes.
         sampling: how the grid is sampled, as in `python -m sample` (default CFG 2.0, temperature 1; a
             cfg_scale != 1 needs the model's null label).
         seed: generator seed, so grids at different steps are comparable.
@@ -150,6 +224,37 @@ class SampleGrid(RunDirCallback):
         self.seed = seed
         self._tokenizer = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self._tokenizer is not None:
+            return
+        if trainer.datamodule is not None:
+            # The model-vs-data error first (LitAR.setup makes it too, after the callbacks' setup), so a
+            # wrong vocab_size is not reported as a wrong tokenizer.
+            check_token_data(pl_module.model.config, trainer.datamodule)
+        # Every rank checks (a rank-0-only error would leave the others waiting); only rank 0 keeps it.
+        # Building the tokenizer draws initial weights: fork the CPU generator so that training sees the
+        # same random stream as without this callback (seeded runs keep their numbers).
+        with torch.random.fork_rng(devices=[]):
+            tokenizer = load_tokenizer(self.tokenizer_path)
+        name = f"SampleGrid's tokenizer {self.tokenizer_path} (its init_args.tokenizer)"
+        meta = getattr(trainer.datamodule, "meta", None) if trainer.datamodule is not None else None
+        meta = meta if isinstance(meta, dict) else {}
+        made_with = f" ({meta['tokenizer']}, named in {meta.get('path')})" if meta.get("tokenizer") else ""
+        fix = f"point init_args.tokenizer at the tokenizer that made the token data{made_with}"
+        check_tokenizer_fits(pl_module.model.config, tokenizer, model="the model (model.gpt.vocab_size)",
+                             tokenizer_name=name, fix=fix)
+        theirs = meta.get("downsample_factor")
+        if theirs is not None and int(theirs) != int(tokenizer.downsample_factor):
+            raise ValueError(f"{name} downsamples by {tokenizer.downsample_factor} but the token data was made "
+                             f"by a tokenizer that downsamples by {theirs} (downsample_factor in "
+                             f"{meta.get('path')}): {fix}")
+        self._tokenizer = tokenizer if trainer.is_global_zero else None
+
+    def grid_labels(self, model_classes: int) -> Tensor:
+        """Labels of the grid's images, row by row: [0]*per_class, [1]*per_class, ... (int64)."""
+        return torch.arange(min(self.num_classes, model_classes)).repeat_interleave(self.per_class)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
@@ -162,16 +267,13 @@ class SampleGrid(RunDirCallback):
 
     @torch.no_grad()
     def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from tokenizers_vq.checkpoint import load_tokenizer
-
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         model = pl_module.model
         was_training = model.training
         model.eval()
         device = pl_module.device
-        labels = torch.arange(min(self.num_classes, model.config.num_classes), device=device)
-        labels = labels.repeat_interleave(self.per_class)
+        labels = self.grid_labels(model.config.num_classes).to(device)
         rng = torch.Generator(device).manual_seed(self.seed)
         tokens = generate(model, labels, self.sampling, rng)
         model.train(was_training)

@@ -7,7 +7,9 @@ and, per Engram layer, the mean and spread of the gate; `flops_per_batch` is wha
 Trainer settings; EMA is Lightning's `EMAWeightAveraging` callback (its weights are what checkpoints hold
 and what `train.callbacks.ExportModel` writes for sampling). Token data is `train/data/tokens.py`.
 A non-finite loss stops training with an error naming the step and batch before any checkpoint is written
-from the broken weights (`train.checkpoints`).
+from the broken weights (`train.checkpoints`). At setup, before any step on every path (fit, validate, ...),
+`check_token_data` compares the model with the token data's meta.json: tokens per image and grid, codebook
+size and classes; each mismatch names the YAML key to change (`model.gpt.*`), both values and the file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,44 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_rat
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_token_data(config: ModelConfig, data: object) -> None:
+    """Raise one ValueError listing every way token data `data` does not fit model `config`.
+
+    `data` is read for `vocab_size`, `num_classes` and `grid` (a `TokenShardsDataModule` reads them from
+    its meta.json, whose path the message names); an attribute it lacks is not checked. Each mismatch names
+    the YAML key to change (`model.gpt.block_size`, `model.gpt.grid`, `model.gpt.vocab_size`,
+    `model.gpt.num_classes`), the model's value and the data's.
+    """
+    theirs = {name: getattr(data, name, None) for name in ("vocab_size", "num_classes", "grid")}
+    meta = getattr(data, "meta", None)
+    source = meta["path"] if isinstance(meta, dict) and "path" in meta else f"{type(data).__name__}"
+    problems = []
+    if theirs["vocab_size"] is not None and int(theirs["vocab_size"]) != config.vocab_size:
+        vocab = int(theirs["vocab_size"])
+        problems.append(f"model.gpt.vocab_size={config.vocab_size} does not match the token data's "
+                        f"vocab_size={vocab} (codebook_size in {source}): set model.gpt.vocab_size: {vocab}, "
+                        f"or use token shards made with a tokenizer of {config.vocab_size} codes")
+    if theirs["num_classes"] is not None and int(theirs["num_classes"]) != config.num_classes:
+        classes = int(theirs["num_classes"])
+        problems.append(f"model.gpt.num_classes={config.num_classes} does not match the token data's "
+                        f"num_classes={classes} (num_classes in {source}): set model.gpt.num_classes: {classes}")
+    if theirs["grid"] is not None:
+        rows, cols = (int(g) for g in theirs["grid"])
+        ours = config.token_grid
+        grid_hint = f" and model.gpt.grid: [{rows}, {cols}]" if rows != cols else ""
+        if rows * cols != config.block_size:
+            problems.append(f"model.gpt.block_size={config.block_size} does not match the token data's "
+                            f"{rows * cols} tokens per image (grid {rows}x{cols} in {source}): set "
+                            f"model.gpt.block_size: {rows * cols}{grid_hint}")
+        elif ours != (rows, cols):
+            # Same length, other shape: 2D RoPE and the Engram 2D neighbours would read the wrong cells.
+            problems.append(f"model.gpt.grid={list(config.grid) if config.grid else None} (a {ours[0]}x"
+                            f"{ours[1]} token grid) does not match the token data's grid {rows}x{cols} (grid "
+                            f"in {source}): set model.gpt.grid: [{rows}, {cols}]")
+    if problems:
+        raise ValueError("the AR model does not fit its token data:\n  " + "\n  ".join(problems))
 
 
 class LitAR(GuardedCheckpoints, L.LightningModule):
@@ -94,15 +134,10 @@ class LitAR(GuardedCheckpoints, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         config = self.model.config
+        # Lightning calls setup before any step, checkpoint restore or code-map fit, on every stage.
         data = getattr(self.trainer, "datamodule", None)
-        for name, ours in (("vocab_size", config.vocab_size), ("num_classes", config.num_classes),
-                           ("grid", config.token_grid)):
-            theirs = getattr(data, name, None)
-            if theirs is None:
-                continue
-            theirs = tuple(theirs) if name == "grid" else theirs
-            if theirs != ours:
-                raise ValueError(f"model.gpt.{name}={ours} does not match the token data's {name}={theirs}")
+        if data is not None:
+            check_token_data(config, data)
         hp = self.hparams
         if stage == "fit" and hp.code_map_tokenizer and config.engram is not None and config.engram.code_map:
             from engram_vision.code_map import fit_code_map

@@ -6,7 +6,9 @@ discriminator, gradient clipping, and validation metrics (PSNR, codebook usage a
 EMA is Lightning's `EMAWeightAveraging` callback (with `use_buffers: false`, so the code ring buffer and
 the step counter are never averaged); the reconstruction grid and metrics.json are `train/callbacks.py`.
 A non-finite generator or discriminator loss stops training with an error naming the step and batch before
-any checkpoint is written from the broken weights (`train.checkpoints`).
+any checkpoint is written from the broken weights (`train.checkpoints`). At setup, before any step,
+`check_image_data` compares the images the data module yields with what the tokenizer and discriminator
+need (side divisible by the downsample factor, large enough for the PatchGAN), naming the YAML keys.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.config import VQConfig
+from tokenizers_vq.discriminator import PatchGANDiscriminator
 from tokenizers_vq.losses import VQLoss, VQLossConfig
 from tokenizers_vq.model import VQModel
 from tokenizers_vq.quantizer import codebook_stats
@@ -29,6 +32,35 @@ def psnr(reconstructions: Tensor, images: Tensor) -> Tensor:
     """Per-image PSNR in dB of images in [-1,1] (reconstructions clamped first, as saved PNGs would be)."""
     mse = ((reconstructions.clamp(-1, 1) - images) / 2).float().pow(2).flatten(1).mean(dim=1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def check_image_data(tokenizer: VQConfig, disc_layers: int | None, data: object) -> None:
+    """Raise a ValueError when the images of data module `data` cannot train this tokenizer and loss.
+
+    `data.image_size` (the side S its loaders yield; an ImageFolder or shard module with `image_size: null`
+    reads it from its first image) must be divisible by the tokenizer's downsample factor, else the
+    reconstruction has another size than the input; with a discriminator, S must reach the PatchGAN's
+    minimum, which it would otherwise only report at `disc_start`. Data without `image_size` is not checked.
+
+    disc_layers: `n_layers` of the PatchGAN discriminator; None when there is none (disc_weight 0).
+    """
+    size = getattr(data, "image_size", None)
+    if size is None:
+        return
+    source = f"{type(data).__name__}.image_size"
+    factor = tokenizer.downsample_factor
+    if size % factor:
+        raise ValueError(f"the data's images are {size}x{size} ({source}; YAML data.init_args.image_size) but "
+                         f"the tokenizer downsamples by {factor} (2 ** (len(model.tokenizer.encoder_ch_mult) - 1) "
+                         f"with encoder_ch_mult={list(tokenizer.encoder_ch_mult)}): set data.init_args.image_size "
+                         f"to a multiple of {factor} (with data.init_args.resize: true), or change "
+                         f"model.tokenizer.encoder_ch_mult and decoder_ch_mult")
+    if disc_layers is not None:
+        needed = PatchGANDiscriminator.min_image_size(disc_layers)
+        if size < needed:
+            raise ValueError(f"the data's images are {size}x{size} ({source}) but the discriminator with "
+                             f"model.loss.discriminator.n_layers={disc_layers} needs at least {needed}x{needed}: "
+                             f"lower model.loss.discriminator.n_layers, or set model.loss.disc_weight: 0")
 
 
 class LitVQ(GuardedCheckpoints, L.LightningModule):
@@ -67,6 +99,13 @@ class LitVQ(GuardedCheckpoints, L.LightningModule):
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self._val_code_counts: Tensor | None = None
         self._loss_guard = LossGuard()
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before any step (and after the data module's own setup) on every stage.
+        data = getattr(self.trainer, "datamodule", None)
+        if data is not None:
+            disc = self.loss.discriminator
+            check_image_data(self.model.config, disc.config.n_layers if disc is not None else None, data)
 
     @property
     def has_discriminator(self) -> bool:

@@ -38,7 +38,7 @@ def test_token_shards_that_do_not_fit_the_model_stop_litar(constant_codes, token
     base = dict(dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=16, num_classes=4, block_size=16)
     cases = [
         ({"vocab_size": 32}, "model.gpt.vocab_size=32 does not match the token data's vocab_size=16"),
-        ({"block_size": 64}, r"model.gpt.grid=\(8, 8\) does not match the token data's grid=\(4, 4\)"),
+        ({"block_size": 64}, "model.gpt.block_size=64 does not match the token data's 16 tokens per image"),
         ({"num_classes": 10}, "model.gpt.num_classes=10 does not match the token data's num_classes=4"),
     ]
     for change, match in cases:

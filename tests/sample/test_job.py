@@ -1,5 +1,6 @@
 """`python -m sample`: exact image count, resumable after an interruption with identical images, the
-ADM npz layout, manifest provenance, label schemes, and refusal to mix settings in one folder."""
+ADM npz layout, manifest provenance, label schemes, and refusal to mix settings in one folder or to decode
+with a tokenizer of another codebook."""
 
 from __future__ import annotations
 
@@ -107,3 +108,13 @@ def test_two_process_ddp_run_equals_one_process(weights, tmp_path):
     two = np.load(tmp_path / "two" / "samples.npz", allow_pickle=False)
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
     assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 10
+
+
+def test_a_tokenizer_of_another_codebook_is_refused_before_sampling(weights, tmp_path):
+    save_vq(VQModel(vq_config("vq-tiny", codebook_size=32)), tmp_path / "vq32")
+    with pytest.raises(ValueError) as info:
+        _run(weights, tmp_path / "out", tokenizer=str(tmp_path / "vq32"))
+    message = str(info.value)
+    assert f"--tokenizer {tmp_path / 'vq32'} has a codebook of 32 codes" in message, message
+    assert f"--model {weights / 'gpt'} predicts vocab_size=64" in message, message
+    assert not (tmp_path / "out").exists()  # no manifest, no image

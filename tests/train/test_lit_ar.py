@@ -1,4 +1,5 @@
-"""LitAR: fast_dev_run with and without Engram, exact resume, EMA export, gate logs, LR schedule."""
+"""LitAR: fast_dev_run with and without Engram, exact resume, EMA export, gate logs, LR schedule, the checks
+of the model against the token data's meta.json at setup, and the sample grid (its classes and tokenizer)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from engram_vision.checkpoint import load_gpt
 from engram_vision.config import EngramConfig, ModelConfig
 from sample.sampling import SamplingConfig
 from train.callbacks import ExportModel
-from train.lit_ar import LitAR, warmup_cosine
+from train.data.tokens import TokenShardsDataModule
+from train.lit_ar import LitAR, check_token_data, warmup_cosine
 
 BASE = ModelConfig(dim=32, n_layer=2, n_head=2, multiple_of=32, vocab_size=16, num_classes=4, block_size=16)
 ENGRAM = EngramConfig(layers=(1,), heads_per_order=2, head_dim=8, rows_per_head=31)
@@ -91,8 +93,57 @@ def test_export_holds_the_ema_weights(tmp_path):
 
 
 def test_model_data_mismatch_is_named():
-    with pytest.raises(ValueError, match="vocab_size=32 does not match the token data's vocab_size=16"):
+    with pytest.raises(ValueError, match="model.gpt.vocab_size=32 does not match the token data's vocab_size=16"):
         _trainer(fast_dev_run=1).fit(LitAR(ModelConfig(**{**BASE.to_dict(), "vocab_size": 32})), Tokens())
+
+
+def _shards(token_shards, constant_codes, folder, grid=(4, 4), codebook=16, num_classes=4):
+    codes = constant_codes(8, grid)
+    return TokenShardsDataModule(str(token_shards(folder, codes, [0, 1, 2, 3] * 2, codebook, num_classes, grid)),
+                                 batch_size=4, num_workers=0)
+
+
+@pytest.mark.parametrize(("change", "pieces"), [
+    ({"block_size": 64}, ["model.gpt.block_size=64", "16 tokens per image", "grid 4x4", "set model.gpt.block_size: 16"]),
+    ({"vocab_size": 32}, ["model.gpt.vocab_size=32", "vocab_size=16", "codebook_size in", "set model.gpt.vocab_size: 16"]),
+    ({"num_classes": 10}, ["model.gpt.num_classes=10", "num_classes=4", "set model.gpt.num_classes: 4"]),
+], ids=["block_size", "vocab_size", "num_classes"])  # fmt: skip
+def test_setup_names_the_yaml_key_both_values_and_meta_json(token_shards, constant_codes, tmp_path, change, pieces):
+    data = _shards(token_shards, constant_codes, tmp_path)
+    module = LitAR(ModelConfig(**{**BASE.to_dict(), **change}))
+    for run in (lambda t: t.fit(module, data), lambda t: t.validate(module, data)):  # every path, before a step
+        with pytest.raises(ValueError) as info:
+            run(_trainer(fast_dev_run=1))
+        message = str(info.value)
+        assert all(piece in message for piece in pieces), message
+        assert str(tmp_path / "meta.json") in message  # where the data's value came from
+    assert module.global_step == 0
+
+
+def test_the_8x8_grid_of_32px_photos_asks_for_block_size_64_and_reports_every_mismatch(tmp_path):
+    class Photos:  # a 10-class set of 32 px photos through a 4x-downsampling tokenizer of 512 codes
+        vocab_size, num_classes, grid = 512, 10, (8, 8)
+        meta = {"path": "/data/photos/tokens/meta.json"}
+
+    with pytest.raises(ValueError) as info:
+        check_token_data(BASE, Photos())
+    message = str(info.value)
+    assert "model.gpt.block_size=16 does not match the token data's 64 tokens per image (grid 8x8 in " \
+           "/data/photos/tokens/meta.json): set model.gpt.block_size: 64" in message
+    assert "model.gpt.vocab_size=16" in message and "vocab_size=512" in message
+    assert "model.gpt.num_classes=4" in message and "num_classes=10" in message
+    check_token_data(ModelConfig(**{**BASE.to_dict(), "block_size": 64, "vocab_size": 512, "num_classes": 10}),
+                     Photos())  # the fixed config passes
+
+
+def test_a_grid_of_the_right_length_but_another_shape_names_model_gpt_grid(token_shards, constant_codes, tmp_path):
+    data = _shards(token_shards, constant_codes, tmp_path, grid=(2, 8))  # 16 tokens, but not 4x4
+    with pytest.raises(ValueError, match=r"model.gpt.grid=None \(a 4x4 token grid\) does not match the token "
+                                         r"data's grid 2x8 .*set model.gpt.grid: \[2, 8\]"):
+        _trainer(fast_dev_run=1).fit(LitAR(BASE), data)
+    with pytest.raises(ValueError, match=r"set model.gpt.block_size: 32 and model.gpt.grid: \[2, 16\]"):
+        check_token_data(BASE, _shards(token_shards, constant_codes, tmp_path / "wide", grid=(2, 16)))
+    _trainer(fast_dev_run=1).fit(LitAR(ModelConfig(**{**BASE.to_dict(), "grid": (2, 8)})), data)
 
 
 def test_warmup_cosine_values():
@@ -127,15 +178,33 @@ def test_sample_grid_writes_one_row_per_class(tmp_path):
     from tokenizers_vq.checkpoint import save_vq
     from train.callbacks import SampleGrid
 
-    save_vq(VQModel(vq_config("vq-tiny")), tmp_path / "tok")  # codebook 64 >= vocab 16, 16x16 images
+    save_vq(VQModel(vq_config("vq-tiny", codebook_size=16)), tmp_path / "tok")  # codebook = vocab; 16x16 images
     grid = SampleGrid(str(tmp_path / "tok"), every_n_steps=2, per_class=3, num_classes=4,
                       sampling=SamplingConfig(cfg_scale=1.5))
+    assert grid.grid_labels(4).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # every class, a row each
+    assert grid.grid_labels(2).tolist() == [0, 0, 0, 1, 1, 1]  # capped at the model's classes
     trainer = _trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[grid])
     trainer.fit(LitAR(BASE), Tokens())
     image = Image.open(tmp_path / "samples.png")
     # 4 rows (classes) x 3 columns of 16x16 images with 1-pixel padding
     assert image.size == (3 * 17 + 1, 4 * 17 + 1)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png"]
+
+
+def test_sample_grid_with_another_codebook_fails_at_setup(tmp_path):
+    from tokenizers_vq import VQModel, vq_config
+    from tokenizers_vq.checkpoint import save_vq
+    from train.callbacks import SampleGrid
+
+    save_vq(VQModel(vq_config("vq-tiny")), tmp_path / "tok")  # 64 codes for a model of vocab 16
+    module = LitAR(BASE)
+    trainer = _trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path,
+                       callbacks=[SampleGrid(str(tmp_path / "tok"), every_n_steps=1)])
+    with pytest.raises(ValueError, match=r"SampleGrid's tokenizer .*tok \(its init_args.tokenizer\) has a codebook "
+                                         r"of 64 codes but the model \(model.gpt.vocab_size\) predicts "
+                                         r"vocab_size=16"):
+        trainer.fit(module, Tokens())
+    assert module.global_step == 0 and not (tmp_path / "samples.png").exists()
 
 
 def test_bf16_mixed_step_on_cpu():

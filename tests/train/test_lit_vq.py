@@ -1,5 +1,6 @@
 """LitVQ: fast_dev_run with and without the GAN, exact resume from last.ckpt, the CLI on the digits config,
-and the artefacts (reconstruction grid, metrics.json, exported tokenizer) that `make demo` relies on."""
+the artefacts (reconstruction grid, metrics.json, exported tokenizer) that `make demo` relies on, and the
+setup check of the data's image size against the tokenizer and discriminator."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tokenizers_vq.discriminator import DiscriminatorConfig
 from tokenizers_vq.losses import VQLossConfig
 from train.cli import run_stage
 from train.data.images import DigitsDataModule
-from train.lit_vq import LitVQ, psnr
+from train.lit_vq import LitVQ, check_image_data, psnr
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = VQConfig(codebook_size=32, base_channels=8, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=8,
@@ -98,3 +99,27 @@ def test_bf16_mixed_training_step_is_finite_and_keeps_fp32_weights():
     assert trainer.callback_metrics["train/loss"].isfinite()
     assert module.model.decoder.conv_out.weight.dtype == torch.float32  # mixed precision, not bf16 weights
     assert not torch.equal(module.model.decoder.conv_out.weight, before)
+
+
+class _SizedDigits(DigitsDataModule):
+    """The digits under another claimed image size (the check reads only `image_size`)."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__(batch_size=8)
+        self.image_size = image_size
+
+
+def test_setup_checks_the_image_size_against_the_tokenizer_and_discriminator():
+    gan = VQLossConfig(perceptual_weight=0.0, disc_weight=0.5, discriminator=DiscriminatorConfig(n_layers=3))
+    module = LitVQ(TINY, gan, lr=1e-3)  # downsample factor 2; a 3-layer PatchGAN needs 24 px
+    with pytest.raises(ValueError) as info:
+        _trainer(fast_dev_run=1).fit(module, _SizedDigits(16))
+    message = str(info.value)
+    assert "images are 16x16" in message and "n_layers=3 needs at least 24x24" in message, message
+    assert "model.loss.discriminator.n_layers" in message and int(module.iterations) == 0
+    with pytest.raises(ValueError) as info:
+        check_image_data(TINY, None, _SizedDigits(15))
+    message = str(info.value)
+    assert "15x15" in message and "downsamples by 2" in message and "data.init_args.image_size" in message
+    assert "model.tokenizer.encoder_ch_mult" in message, message
+    check_image_data(TINY, 2, DigitsDataModule())  # 16 px: divisible by 2 and >= 12 for two layers

@@ -3,8 +3,9 @@
 
 Shards are split over ranks (`wds.split_by_node`), then DataLoader workers (`wds.split_by_worker`); only
 image and label members are ever extracted (never `.pyd`/`.pth` pickles); a corrupt member is skipped and
-counted like a corrupt file in `image_data.py` (which holds the shared skip-and-count machinery), while a
-label outside [0, num_classes) stops the run.
+counted like a corrupt file in `images.py` (which holds the shared skip-and-count machinery and the
+stored-size rule), while a label outside [0, num_classes), or an image not stored at `image_size` when
+`resize` is off, stops the run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import glob
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,10 +24,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from train.data.images import SkipCounter, _loader, _SkippingDataModule
+from train.data.images import SkipCounter, _first_readable, _loader, _SizedImagesDataModule
 from train.data.transforms import (
     UNREADABLE_IMAGE_ERRORS,
-    ImageTransformConfig,
+    ImageSizeError,
     LabelError,
     ViewMode,
     eval_transform,
@@ -83,15 +85,16 @@ def _wanted_member(fname: str) -> bool:
 class _ShardErrorHandler:
     """webdataset handler: warn, count, continue (a bad shard or member never stops training).
 
-    A `LabelError` is re-raised instead: a wrong label means a wrong data set, which skipping cannot fix.
-    webdataset adds the shard's url to the arguments of errors it raises while reading a tar.
+    A `LabelError` or `ImageSizeError` is re-raised instead: a wrong label or image size means a wrong data
+    set (or setting), which skipping cannot fix. webdataset adds the shard's url to the arguments of errors
+    it raises while reading a tar.
     """
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter
 
     def __call__(self, exn: BaseException) -> bool:
-        if isinstance(exn, LabelError):
+        if isinstance(exn, (LabelError, ImageSizeError)):
             raise exn
         self.counter.add("in shard stream", repr(exn))
         return True
@@ -123,10 +126,13 @@ class _ShardDecoder:
         except UNREADABLE_IMAGE_ERRORS as exn:
             self.counter.add(name, exn)
             return None
-        return self.transform(image), label
+        try:
+            return self.transform(image), label
+        except ImageSizeError as exn:
+            raise ImageSizeError(f"{name}: {exn}") from None
 
 
-class ImageShardsDataModule(_SkippingDataModule):
+class ImageShardsDataModule(_SizedImagesDataModule):
     """Webdataset shards with `jpg` + `cls` members (as written by `python -m train.prepare shards`).
 
     Shards are split over ranks (`wds.split_by_node`), then DataLoader workers (`wds.split_by_worker`);
@@ -135,13 +141,15 @@ class ImageShardsDataModule(_SkippingDataModule):
     workers as each rank has shards (logged), since the others would sit idle. Resampled training draws
     shards with replacement in every worker and needs neither. For DDP with uneven shard counts per rank,
     use `resampled=True` with `samples_per_epoch`. Labels are checked against `num_classes` (LabelError).
+    Images are used as stored unless `resize` is on (see `image_size` and `resize`).
     """
 
     def __init__(
         self,
         train_shards: str,
         val_shards: str | None = None,
-        image_size: int = 256,
+        image_size: int | None = None,
+        resize: bool = False,
         batch_size: int = 64,
         num_workers: int = 8,
         shuffle_buffer: int = 1000,
@@ -157,7 +165,10 @@ class ImageShardsDataModule(_SkippingDataModule):
             train_shards: Brace pattern (`/data/train-{000000..000127}.tar`), glob (`/data/train-*.tar`)
                 or a folder of `.tar` files.
             val_shards: The same for validation (centre crop, no flip, in order); None for none.
-            image_size: Side S of the square images.
+            image_size: Side S of the square images; None: as stored (the first training image's side;
+                every image must be stored at that size, square).
+            resize: Resize images stored at another size (short side to image_size, BOX halving then BICUBIC
+                as ADM), then crop; False: an image not stored at image_size x image_size is an error.
             batch_size: Images per batch (per device).
             num_workers: DataLoader worker processes.
             shuffle_buffer: Samples in the training shuffle buffer (0 = shuffle shards only).
@@ -171,12 +182,12 @@ class ImageShardsDataModule(_SkippingDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.batch_size, self.num_workers = batch_size, num_workers
         if resampled and samples_per_epoch is None:
             raise ValueError("resampled=True streams forever: set samples_per_epoch too")
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.samples_per_epoch = samples_per_epoch
-        self.transform_cfg = ImageTransformConfig(image_size, train_crop, tuple(crop_scale), flip)
+        self._init_sizes(image_size, resize, train_crop, crop_scale, flip)
         self.skip_counter = SkipCounter(num_workers)
         self._num_classes = num_classes
 
@@ -192,6 +203,21 @@ class ImageShardsDataModule(_SkippingDataModule):
                 )
             self._num_classes = len(json.loads(path.read_text()))
         return self._num_classes
+
+    def first_image(self, split: Literal["train", "val"]) -> tuple[tuple[int, int], str] | None:
+        """The first readable `jpg` of a split's shards, in shard order (only its header is decoded)."""
+        spec = self.train_shards if split == "train" else self.val_shards
+        if spec is None:
+            return None
+
+        def candidates() -> Iterator[tuple[str, bytes]]:
+            members = wds.tarfile_to_samples(handler=wds.ignore_and_continue, select_files=_wanted_member)
+            with closing(members({"url": url} for url in shard_urls(spec))) as samples:
+                for sample in samples:
+                    if "jpg" in sample:
+                        yield f"{sample.get('__url__')}:{sample.get('__key__')}", sample["jpg"]
+
+        return _first_readable(candidates())
 
     def _check_val_classes(self, spec: str) -> None:
         """The validation shards' classes.json, when both splits have one, must equal the training one's:
@@ -278,4 +304,6 @@ class ImageShardsDataModule(_SkippingDataModule):
         spec = self.train_shards if split == "train" else self.val_shards
         if spec is None:
             raise ValueError(f"{type(self).__name__} has no {split} split (val_shards is None)")
-        return TarViews(shard_urls(spec), self.image_size, views, self.skip_counter, self._label_range())
+        self.check_stored_size(split)
+        return TarViews(shard_urls(spec), self.image_size, views, self.skip_counter, self._label_range(),
+                        self.resize)

@@ -5,18 +5,22 @@ truncated image never crashes a run: it is skipped, a `CorruptImageWarning` name
 total, the module's `skipped_images` counts it (summed over DataLoader workers through a shared-memory
 tensor), and `teardown` logs the total. A label outside [0, num_classes), or a validation folder whose
 classes differ from the training folder's, is an error instead (`train.data.transforms.LabelError`): skipping
-cannot fix a wrong data set. Decoding (any mode to 8-bit RGB) and cropping live in `train.data.transforms`, the
-digits in `train.data.digits`, shard reading in `train.data.image_shards`, shard writing in `train.prepare.write_shards`.
-`views_dataset(split, views)` gives the
-deterministic views that token extraction encodes (datasets in `train.data.views`); token shards and the
+cannot fix a wrong data set. So is an image not stored at `image_size` when `resize` is off
+(`train.data.transforms.ImageSizeError`): images are never resized unless asked, `image_size: null` takes
+the size of the first training image, and `setup` (and `views_dataset`) checks the first image of each
+split, so a data set stored at another size stops before any step. Decoding (any mode to 8-bit RGB) and
+cropping live in `train.data.transforms`, the digits in `train.data.digits`, shard reading in
+`train.data.image_shards`, shard writing in `train.prepare.write_shards`. `views_dataset(split, views)` gives
+the deterministic views that token extraction encodes (datasets in `train.data.views`); token shards and the
 models are other modules' business.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,16 +29,19 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from train.data import digits
 from train.data.transforms import (
     UNREADABLE_IMAGE_ERRORS,
     CorruptImageWarning,
+    ImageSizeError,
     ImageTransformConfig,
     ViewMode,
+    check_image_size,
     eval_transform,
     open_rgb,
+    stored_size,
     train_transform,
 )
 from train.data.views import DigitsViews, FolderViews, ViewsDataset
@@ -97,10 +104,85 @@ class _SkippingDataModule(LightningDataModule):
             )
 
 
+class _SizedImagesDataModule(_SkippingDataModule):
+    """Base of the file-backed DataModules that crop to `image_size`: the stored-size rule.
+
+    `image_size=None` means "as stored": the size of the first readable training image, which must be
+    square (every other image must match it). Unless `resize` is on, an image of another size is an
+    `ImageSizeError`: `setup` checks the first image of each split it will read, before any step, and the
+    transforms check every image as it is read. Subclasses say where a split's first image is.
+    """
+
+    def _init_sizes(self, image_size: int | None, resize: bool, train_crop: str, crop_scale: tuple[float, float],
+                    flip: bool) -> None:
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"data.init_args.image_size must be positive or null (as stored), got {image_size}")
+        if resize and image_size is None:
+            raise ValueError("data.init_args.resize: true needs data.init_args.image_size, the side to resize "
+                             "to (null means the images are used as stored)")
+        # Validates the crop settings now, not when the first loader is built.
+        ImageTransformConfig(image_size or 1, train_crop, tuple(crop_scale), flip, resize)
+        self._image_size, self.resize = image_size, resize
+        self._crop = (train_crop, tuple(crop_scale), flip)
+
+    def first_image(self, split: Literal["train", "val"]) -> tuple[tuple[int, int], str] | None:
+        """((width, height), name) of the first readable image of `split` in reading order; None when the
+        split is absent or holds no readable image (the loaders report those themselves)."""
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the square images: `image_size`, or (when None) the first training image's side."""
+        if self._image_size is None:
+            found = self.first_image("train")
+            if found is None:
+                raise ValueError(f"{type(self).__name__}: no readable training image to take the size from "
+                                 f"(data.init_args.image_size: null); set data.init_args.image_size")
+            (width, height), name = found
+            if width != height:
+                raise ImageSizeError(
+                    f"{name}: the first training image is {width}x{height}, not square, so "
+                    f"data.init_args.image_size: null (use images as stored) cannot apply: set "
+                    f"data.init_args.image_size and data.init_args.resize: true to resize and crop")
+            self._image_size = width
+        return self._image_size
+
+    @property
+    def transform_cfg(self) -> ImageTransformConfig:
+        train_crop, crop_scale, flip = self._crop
+        return ImageTransformConfig(self.image_size, train_crop, crop_scale, flip, self.resize)
+
+    def check_stored_size(self, split: Literal["train", "val"]) -> None:
+        """ImageSizeError naming the first image of `split` when it is not stored at image_size (no resize)."""
+        found = None if self.resize else self.first_image(split)
+        if found is not None:
+            size, name = found
+            try:
+                check_image_size(size, self.image_size, self.resize)
+            except ImageSizeError as exn:
+                raise ImageSizeError(f"{name}: {exn}") from None
+
+    def setup(self, stage: str) -> None:
+        # Before the first step (and before `validate` reads anything): a data set stored at another size
+        # fails here, naming its first image, instead of in a DataLoader worker later.
+        for split in {"fit": ("train", "val"), "validate": ("val",)}.get(stage, ()):
+            self.check_stored_size(split)
+
+
+def _first_readable(candidates: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[int, int], str] | None:
+    """The size and name of the first of `candidates` ((name, path or bytes) pairs) that PIL can read."""
+    for name, source in candidates:
+        size = stored_size(source)
+        if size is not None:
+            return size, name
+    return None
+
+
 class SafeImageLoader:
     """ImageFolder loader: the decoded (and transformed) image, or None, counted and warned, when unreadable.
 
-    The transform runs here rather than as ImageFolder's `transform` so that a None never reaches it.
+    The transform runs here rather than as ImageFolder's `transform` so that a None never reaches it; an
+    image at the wrong size (`ImageSizeError`) is an error naming the file, not a skip.
     """
 
     def __init__(self, counter: SkipCounter, transform: Callable[[Image.Image], Any] | None = None) -> None:
@@ -112,7 +194,12 @@ class SafeImageLoader:
         except UNREADABLE_IMAGE_ERRORS as exn:
             self.counter.add(path, exn)
             return None
-        return image if self.transform is None else self.transform(image)
+        if self.transform is None:
+            return image
+        try:
+            return self.transform(image)
+        except ImageSizeError as exn:
+            raise ImageSizeError(f"{path}: {exn}") from None
 
 
 class SkipNoneCollate:
@@ -183,18 +270,20 @@ class DigitsDataModule(LightningDataModule):
         return DigitsViews(split, views)
 
 
-class ImageFolderDataModule(_SkippingDataModule):
+class ImageFolderDataModule(_SizedImagesDataModule):
     """An ImageNet-layout tree `root/{train_dir,val_dir}/<class>/<image>`, via torchvision's ImageFolder.
 
     Class indices are the sorted class folder names (torchvision's rule, also used by `train.prepare.write_shards`),
     so the validation folder must hold the same class folders as the training folder (else ValueError).
-    Unreadable files are skipped, warned about and counted in `skipped_images`.
+    Unreadable files are skipped, warned about and counted in `skipped_images`. Images are used as stored
+    unless `resize` is on (ImageNet's photos of every size need `image_size: 256, resize: true`).
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 256,
+        image_size: int | None = None,
+        resize: bool = False,
         batch_size: int = 64,
         num_workers: int = 8,
         train_crop: Literal["center", "random"] = "random",
@@ -206,7 +295,10 @@ class ImageFolderDataModule(_SkippingDataModule):
         """
         Args:
             root: Folder holding the split folders.
-            image_size: Side S of the square images.
+            image_size: Side S of the square images; None: as stored (the first training image's side;
+                every image must be stored at that size, square).
+            resize: Resize images stored at another size (short side to image_size, BOX halving then BICUBIC
+                as ADM), then crop; False: an image not stored at image_size x image_size is an error.
             batch_size: Images per batch (per device).
             num_workers: DataLoader worker processes.
             train_crop: Training crop: `random` (LlamaGen) or `center` (ADM).
@@ -218,8 +310,8 @@ class ImageFolderDataModule(_SkippingDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root, self.train_dir, self.val_dir = Path(root), train_dir, val_dir
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.transform_cfg = ImageTransformConfig(image_size, train_crop, tuple(crop_scale), flip)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._init_sizes(image_size, resize, train_crop, crop_scale, flip)
         self.skip_counter = SkipCounter(num_workers)
         self._num_classes: int | None = None
 
@@ -248,6 +340,24 @@ class ImageFolderDataModule(_SkippingDataModule):
                 )
         return path
 
+    def first_image(self, split: Literal["train", "val"]) -> tuple[tuple[int, int], str] | None:
+        """The first readable image of a split in ImageFolder's order (sorted classes, then sorted walk)."""
+        split_dir = self.train_dir if split == "train" else self.val_dir
+        if split_dir is None or not (self.root / split_dir).is_dir():
+            return None
+        root = self.root / split_dir
+
+        def candidates() -> Iterator[tuple[str, str]]:
+            for name in find_classes(root)[0]:
+                # torchvision's make_dataset order: a sorted walk of each class folder
+                for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+                    for file in sorted(files):
+                        if has_file_allowed_extension(file, IMG_EXTENSIONS):
+                            path = os.path.join(folder, file)
+                            yield path, path
+
+        return _first_readable(candidates())
+
     def _dataloader(self, split_dir: str, train: bool) -> DataLoader:
         transform = (train_transform if train else eval_transform)(self.transform_cfg)
         dataset = ImageFolder(
@@ -267,4 +377,5 @@ class ImageFolderDataModule(_SkippingDataModule):
         split_dir = self.train_dir if split == "train" else self.val_dir
         if split_dir is None:
             raise ValueError(f"{type(self).__name__} has no {split} split (val_dir is None)")
-        return FolderViews(self._split_root(split_dir), self.image_size, views, self.skip_counter)
+        self.check_stored_size(split)
+        return FolderViews(self._split_root(split_dir), self.image_size, views, self.skip_counter, self.resize)

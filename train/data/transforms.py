@@ -6,6 +6,9 @@ mode to 8-bit RGB (`to_rgb`: 16-bit scaled, not clipped; CMYK, grayscale and pal
 deterministic centre crop (the reference for FID and token extraction) and LlamaGen's random crop (scale
 augmentation for tokenizer / AR training), each optionally followed by a horizontal flip; and the
 deterministic views of token extraction (centre, centre + flip, LlamaGen's ten-crop).
+An image is never resized to fit `image_size` unless `resize` asks for it: without it, an image not stored
+at image_size x image_size raises `ImageSizeError` (`check_image_size`), so 32 px photos are never quietly
+upsampled to 256 px. The random crop and the ten-crop still rescale by their own factors (augmentation).
 Skipping and counting bad files is left to `train.data.images` and `train.prepare.write_shards`; batching to the
 DataLoader. Kept free of Lightning so the shard writer starts quickly.
 """
@@ -28,7 +31,10 @@ __all__ = [
     "UNREADABLE_IMAGE_ERRORS",
     "CorruptImageWarning",
     "LabelError",
+    "ImageSizeError",
     "parse_label",
+    "check_image_size",
+    "stored_size",
     "open_rgb",
     "to_rgb",
     "ImageTransformConfig",
@@ -86,6 +92,44 @@ def parse_label(raw: bytes | str | int, num_classes: int | None, name: str) -> i
     return label
 
 
+class ImageSizeError(ValueError):
+    """An image is not stored at the configured `image_size` and resizing was not asked for.
+
+    Never skipped: the DataModules' skip-and-count handlers re-raise it, since every later image of a data
+    set at another size would fail the same way.
+    """
+
+
+def check_image_size(size: tuple[int, int], image_size: int, resize: bool) -> None:
+    """Raise `ImageSizeError` unless `size` (width, height) is image_size x image_size or `resize` is on.
+
+    The message names both sizes and the settings that fix it (`data.init_args.resize`,
+    `data.init_args.image_size`: the YAML keys of the image DataModules).
+    """
+    if resize or tuple(size) == (image_size, image_size):
+        return
+    width, height = size
+    stored = f", or data.init_args.image_size: {width} to use the images as stored" if width == height else ""
+    raise ImageSizeError(
+        f"image is {width}x{height} pixels, not the {image_size}x{image_size} of data.init_args.image_size "
+        f"(with image_size: null, the first training image's size), and images are only resized when asked: "
+        f"set data.init_args.resize: true to resize the short side to {image_size} and crop{stored}"
+    )
+
+
+def stored_size(source: str | Path | bytes) -> tuple[int, int] | None:
+    """(width, height) of an image file or encoded bytes from its header; None when PIL cannot read it.
+
+    Only the header is parsed (no pixel decode), so checking a data set's first image is cheap.
+    """
+    try:
+        stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
+        with stream, Image.open(stream) as image:
+            return image.size
+    except UNREADABLE_IMAGE_ERRORS:
+        return None
+
+
 # PIL's 16-bit grayscale modes; `I` (int32) is how it reads 16-bit PGM and some TIFFs.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -129,6 +173,9 @@ class ImageTransformConfig:
     """(min, max) fraction of the resized short side that the random crop keeps; max <= 1."""
     flip: bool = True
     """Random horizontal flip (p = 0.5) at training time; evaluation never flips."""
+    resize: bool = False
+    """Resize images of another size (short side to S, then the crop); False: such an image raises
+    `ImageSizeError` (images stored at S x S pass through the centre crop untouched)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -185,30 +232,39 @@ def random_crop_arr(
 
 
 class CenterCropArr:
-    """Picklable transform wrapper around `center_crop_arr` (DataLoader workers may pickle it)."""
+    """Picklable transform wrapper around `center_crop_arr` (DataLoader workers may pickle it).
 
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
+    Without `resize`, an image not stored at image_size x image_size raises `ImageSizeError`.
+    """
+
+    def __init__(self, image_size: int, resize: bool = False) -> None:
+        self.image_size, self.resize = image_size, resize
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        check_image_size(image.size, self.image_size, self.resize)
         return center_crop_arr(image, self.image_size)
 
     def __repr__(self) -> str:
-        return f"CenterCropArr(image_size={self.image_size})"
+        return f"CenterCropArr(image_size={self.image_size}, resize={self.resize})"
 
 
 class RandomCropArr:
-    """Picklable transform wrapper around `random_crop_arr`."""
+    """Picklable transform wrapper around `random_crop_arr`.
 
-    def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.8, 1.0)) -> None:
-        self.image_size = image_size
+    Without `resize`, an image not stored at image_size x image_size raises `ImageSizeError`; one stored at
+    that size is still rescaled by up to 1 / crop_scale[0] (the crop's scale augmentation).
+    """
+
+    def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.8, 1.0), resize: bool = False) -> None:
+        self.image_size, self.resize = image_size, resize
         self.crop_scale = tuple(crop_scale)
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        check_image_size(image.size, self.image_size, self.resize)
         return random_crop_arr(image, self.image_size, self.crop_scale)
 
     def __repr__(self) -> str:
-        return f"RandomCropArr(image_size={self.image_size}, crop_scale={self.crop_scale})"
+        return f"RandomCropArr(image_size={self.image_size}, crop_scale={self.crop_scale}, resize={self.resize})"
 
 
 def _to_signed_tensor() -> list[v2.Transform]:
@@ -223,9 +279,9 @@ def _to_signed_tensor() -> list[v2.Transform]:
 def train_transform(cfg: ImageTransformConfig) -> v2.Compose:
     """Training pipeline: the configured crop, an optional flip, then to [-1,1]."""
     crop = (
-        RandomCropArr(cfg.image_size, cfg.crop_scale)
+        RandomCropArr(cfg.image_size, cfg.crop_scale, cfg.resize)
         if cfg.train_crop == "random"
-        else CenterCropArr(cfg.image_size)
+        else CenterCropArr(cfg.image_size, cfg.resize)
     )
     steps: list = [crop]
     if cfg.flip:
@@ -235,7 +291,7 @@ def train_transform(cfg: ImageTransformConfig) -> v2.Compose:
 
 def eval_transform(cfg: ImageTransformConfig) -> v2.Compose:
     """Evaluation pipeline: ADM centre crop, never flipped, then to [-1,1]."""
-    return v2.Compose([CenterCropArr(cfg.image_size), *_to_signed_tensor()])
+    return v2.Compose([CenterCropArr(cfg.image_size, cfg.resize), *_to_signed_tensor()])
 
 
 # ---------------------------------------------------------------------------------- deterministic views
@@ -244,14 +300,16 @@ NUM_VIEWS: dict[str, int] = {"center": 1, "center_flip": 2, "ten_crop": 10}
 TEN_CROP_RANGE = 1.1  # ten-crop: the short side is resized to 1.1 x S before the five S x S crops
 
 
-def view_crops(image: Image.Image, image_size: int, views: ViewMode) -> list[Image.Image]:
+def view_crops(image: Image.Image, image_size: int, views: ViewMode, resize: bool = False) -> list[Image.Image]:
     """The unflipped crops of a token-extraction view mode, centre crop first.
 
     `center` and `center_flip`: [ADM centre crop]. `ten_crop`: ADM centre crop to int(1.1 S), then
     [centre, top-left, top-right, bottom-left, bottom-right] S x S crops. Flips are added by `view_stack`.
+    Without `resize`, an image not stored at S x S raises `ImageSizeError` (ten-crop still rescales by 1.1).
     """
     if views not in NUM_VIEWS:
         raise ValueError(f"views must be one of {sorted(NUM_VIEWS)}, got {views!r}")
+    check_image_size(image.size, image_size, resize)
     if views != "ten_crop":
         return [center_crop_arr(image, image_size)]
     # Follows FoundationVision/LlamaGen (autoregressive/train/extract_codes_c2i.py, --ten-crop)
@@ -279,6 +337,6 @@ def pil_to_signed(image: Image.Image) -> torch.Tensor:
     return v2.Compose(_to_signed_tensor())(image)
 
 
-def image_views(image: Image.Image, image_size: int, views: ViewMode) -> torch.Tensor:
-    """Deterministic views of one image for token extraction: float32 [V,3,S,S] in [-1,1]."""
-    return view_stack([pil_to_signed(crop) for crop in view_crops(image, image_size, views)], views)
+def image_views(image: Image.Image, image_size: int, views: ViewMode, resize: bool = False) -> torch.Tensor:
+    """Deterministic views of one image for token extraction: float32 [V,3,S,S] in [-1,1] (`view_crops`)."""
+    return view_stack([pil_to_signed(crop) for crop in view_crops(image, image_size, views, resize)], views)

@@ -4,8 +4,9 @@ Each dataset lists one split's images under stable global indices (`indices`, as
 image's deterministic views, float32 [V,3,S,S] in [-1,1] (`train.data.transforms.view_crops` / `view_stack`:
 centre, centre + flip, or LlamaGen's ten-crop; view 0 is always the centre crop). An unreadable image
 yields `views = None`: it is warned about and counted through the owning DataModule's skip counter, and
-the extractor lists it. A label outside [0, num_classes) or an unreadable tar raises instead (naming the
-shard and key): extraction must not quietly write a wrong data set.
+the extractor lists it. A label outside [0, num_classes), an unreadable tar, or (without `resize`) an
+image not stored at image_size x image_size (`ImageSizeError`) raises instead (naming the image):
+extraction must not quietly write a wrong data set.
 `ViewsCollate` batches items into a dict and keeps the skipped indices. The DataModules in
 `train.data.images` build these (`views_dataset(split, views)`); encoding and writing shards is
 `train.prepare.extract_tokens`' job.
@@ -27,6 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from train.data import digits
 from train.data.transforms import (
     UNREADABLE_IMAGE_ERRORS,
+    ImageSizeError,
     ViewMode,
     image_views,
     open_rgb,
@@ -51,6 +53,7 @@ class ViewsDataset(Dataset):
     indices: np.ndarray
     image_size: int
     views: ViewMode
+    resize: bool = False  # resize images stored at another size (else ImageSizeError)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -58,6 +61,13 @@ class ViewsDataset(Dataset):
     def describe(self, position: int) -> str:
         """A human-readable name of item `position` (file path, shard and key, ...)."""
         return f"image {int(self.indices[position])}"
+
+    def _views(self, image: Image.Image, position: int) -> torch.Tensor:
+        """`image_views` of the decoded image, an ImageSizeError naming the image when it has another size."""
+        try:
+            return image_views(image, self.image_size, self.views, self.resize)
+        except ImageSizeError as exn:
+            raise ImageSizeError(f"{self.describe(position)}: {exn}") from None
 
     def __getitem__(self, position: int) -> ViewItem:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -88,11 +98,12 @@ class FolderViews(ViewsDataset):
     The same order as `ImageFolder` and `train.prepare.write_shards`, so indices match the image shards' keys.
     """
 
-    def __init__(self, root: str | Path, image_size: int, views: ViewMode, counter: _SkipCounter) -> None:
+    def __init__(self, root: str | Path, image_size: int, views: ViewMode, counter: _SkipCounter,
+                 resize: bool = False) -> None:
         _, class_to_idx = find_classes(str(root))
         self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
         self.indices = np.arange(len(self.samples), dtype=np.int64)
-        self.image_size, self.views, self.counter = image_size, views, counter
+        self.image_size, self.views, self.counter, self.resize = image_size, views, counter, resize
 
     def describe(self, position: int) -> str:
         return str(self.samples[position][0])
@@ -104,7 +115,7 @@ class FolderViews(ViewsDataset):
         except UNREADABLE_IMAGE_ERRORS as exn:
             self.counter.add(path, exn)
             return position, None, label
-        return position, image_views(image, self.image_size, self.views), label
+        return position, self._views(image, position), label
 
 
 # webdataset's key rule: the key is the member path up to the first dot of its base name.
@@ -128,6 +139,7 @@ class TarViews(ViewsDataset):
         views: ViewMode,
         counter: _SkipCounter,
         num_classes: int | None = None,
+        resize: bool = False,
     ) -> None:
         remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
         if remote:
@@ -151,7 +163,7 @@ class TarViews(ViewsDataset):
             self.indices = indices[order]
         else:
             self.indices = np.arange(len(self.items), dtype=np.int64)
-        self.image_size, self.views, self.counter = image_size, views, counter
+        self.image_size, self.views, self.counter, self.resize = image_size, views, counter, resize
 
     def describe(self, position: int) -> str:
         (url, key), _ = self.items[position]
@@ -171,7 +183,7 @@ class TarViews(ViewsDataset):
         except UNREADABLE_IMAGE_ERRORS as exn:
             self.counter.add(self.describe(position), exn)
             return index, None, label
-        return index, image_views(image, self.image_size, self.views), label
+        return index, self._views(image, position), label
 
 
 def _index_tar(url: str, entries: dict[tuple[str, str], dict], num_classes: int | None) -> None:

@@ -1,6 +1,7 @@
 """Tests for `train.data.image_shards`: `ImageShardsDataModule` reads back the image shards of the `tree`
-fixture (tests/train/conftest.py) pixel for pixel, skips corrupt members, never decodes pickles, parses from
-the command line and, like `DigitsDataModule`, runs in a Lightning fit.
+fixture (tests/train/conftest.py) pixel for pixel, skips corrupt members, never decodes pickles, never resizes
+unless asked (another size is an error naming the member), parses from the command line and, like
+`DigitsDataModule`, runs in a Lightning fit.
 
 CPU only and fast: the shards hold ten 32x32 images.
 """
@@ -20,6 +21,7 @@ from PIL import Image
 
 from train.data.image_shards import ImageShardsDataModule
 from train.data.images import CorruptImageWarning, DigitsDataModule
+from train.data.transforms import ImageSizeError
 
 S = 32  # image side of the `tree` fixture's images
 
@@ -108,3 +110,39 @@ def test_datamodules_run_in_lightning_and_parse_from_cli(tree: dict) -> None:
                           enable_model_summary=False)  # fmt: skip
         trainer.fit(_TinyClassifier(dm.image_size, dm.num_classes), datamodule=dm)
         assert trainer.state.finished
+
+
+def test_shards_are_used_as_stored_and_another_size_needs_resize(tree: dict, tmp_path: Path) -> None:
+    shards = str(tree["shards"])
+    as_stored = ImageShardsDataModule(train_shards=shards, val_shards=shards, num_workers=0, train_crop="center",
+                                      flip=False)  # fmt: skip
+    assert as_stored.image_size == S  # image_size null: the first shard image's side
+    as_stored.setup("fit")
+    images, _ = _all(as_stored.val_dataloader())
+    assert images.shape == (10, 3, S, S)
+    small = ImageShardsDataModule(train_shards=shards, val_shards=shards, image_size=16, num_workers=0)
+    with pytest.raises(ImageSizeError) as info:
+        small.setup("fit")  # before any step, naming the shard member, both sizes and the fix
+    message = str(info.value)
+    # key 0 is cat/corrupt.jpg, which write_shards skipped: key 1 is the first image
+    assert message.startswith(f"{shards}/train-000000.tar:000000001: image is 32x32 pixels, not the 16x16")
+    assert "data.init_args.resize: true" in message and "data.init_args.image_size: 32" in message
+    with pytest.raises(ImageSizeError, match="000000001: image is 32x32"):
+        small.views_dataset("train", "center")
+    resized = ImageShardsDataModule(train_shards=shards, val_shards=shards, image_size=16, resize=True,
+                                    num_workers=0)  # fmt: skip
+    resized.setup("fit")
+    images, _ = _all(resized.val_dataloader())
+    assert images.shape == (10, 3, 16, 16)
+    # A member of another size further on is an error in the loader too, not a skipped image.
+    with wds.TarWriter(str(tmp_path / "x-000000.tar"), encoder=False) as sink:
+        for key, side in (("000000000", S), ("000000001", 24)):
+            jpg = io.BytesIO()
+            Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(jpg, format="JPEG")
+            sink.write({"__key__": key, "jpg": jpg.getvalue(), "cls": b"0"})
+    mixed = ImageShardsDataModule(train_shards=str(tmp_path), val_shards=str(tmp_path), num_workers=0,
+                                  num_classes=1)  # fmt: skip
+    mixed.setup("validate")
+    with pytest.raises(ImageSizeError, match=r"x-000000.tar:000000001: image is 24x24 pixels, not the 32x32"):
+        _all(mixed.val_dataloader())
+    assert mixed.skipped_images == 0

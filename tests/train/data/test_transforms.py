@@ -1,5 +1,5 @@
-"""Tests for `train.data.transforms`: ADM's centre crop, LlamaGen's random crop, and the train/eval transforms
-with their horizontal flip.
+"""Tests for `train.data.transforms`: ADM's centre crop, LlamaGen's random crop, the train/eval transforms
+with their horizontal flip, and the stored-size rule (no resize unless asked).
 
 CPU only and fast: the images are small random arrays.
 """
@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 
 from train.data.transforms import (
+    ImageSizeError,
     ImageTransformConfig,
     center_crop_arr,
+    check_image_size,
     eval_transform,
+    image_views,
     random_crop_arr,
     train_transform,
 )
@@ -69,3 +72,20 @@ def test_flip_changes_pixels_only_in_training() -> None:
     assert (plain.flip(-1) - plain).abs().max() > 0.5
     random_cfg = ImageTransformConfig(16, train_crop="random", crop_scale=(0.6, 1.0))
     assert train_transform(random_cfg)(image).shape == (3, 16, 16)
+
+
+def test_transforms_never_resize_unless_asked() -> None:
+    rng = np.random.default_rng(3)
+    small, wide = _pil(rng.integers(0, 256, (16, 16, 3))), _pil(rng.integers(0, 256, (16, 40, 3)))
+    for make in (eval_transform, train_transform):
+        with pytest.raises(ImageSizeError, match=r"image is 16x16 pixels, not the 32x32 .* data.init_args.resize: "
+                                                 r"true .* data.init_args.image_size: 16 to use the images as stored"):
+            make(ImageTransformConfig(32))(small)  # 16 px would have been upsampled to 32 px
+        with pytest.raises(ImageSizeError, match="image is 40x16 pixels"):
+            make(ImageTransformConfig(16))(wide)  # not square: cropping it away is a resize too
+        assert make(ImageTransformConfig(32, resize=True))(small).shape == (3, 32, 32)
+    with pytest.raises(ImageSizeError):
+        image_views(small, 8, "ten_crop")
+    assert image_views(small, 8, "ten_crop", resize=True).shape == (10, 3, 8, 8)
+    assert image_views(small, 16, "ten_crop").shape == (10, 3, 16, 16)  # stored at size: ten-crop's own 1.1x
+    check_image_size((16, 16), 16, resize=False)  # at size: no error

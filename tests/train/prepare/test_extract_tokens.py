@@ -26,7 +26,7 @@ from tokenizers_vq.files import file_sha256
 from train.data.digits import digits_split
 from train.data.image_shards import ImageShardsDataModule
 from train.data.images import DigitsDataModule, ImageFolderDataModule
-from train.data.transforms import CorruptImageWarning, center_crop_arr
+from train.data.transforms import CorruptImageWarning, ImageSizeError, center_crop_arr
 from train.data.views import DigitsViews
 from train.prepare.__main__ import main
 from train.prepare.extract_tokens import extract_tokens
@@ -92,7 +92,11 @@ def test_ten_crop_views_and_corrupt_images(tok: Path, tmp_path: Path, read_tars)
             pixels = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / f"train/{name}/{k}.jpg", quality=95)
     (tmp_path / "train/a/9_bad.jpg").write_bytes(b"not an image")  # global index 3 (sorted after 2.jpg)
-    data = ImageFolderDataModule(str(tmp_path), image_size=24, num_workers=0, val_dir=None)
+    with pytest.raises(ImageSizeError, match=r"0.jpg: image is 40x32 pixels, not the 24x24"):  # never silently
+        extract_tokens(str(tok), ImageFolderDataModule(str(tmp_path), image_size=24, num_workers=0, val_dir=None),
+                       str(tmp_path / "refused"), views="ten_crop", **CPU)
+    assert not (tmp_path / "refused" / "meta.json").exists()
+    data = ImageFolderDataModule(str(tmp_path), image_size=24, resize=True, num_workers=0, val_dir=None)
     out = tmp_path / "tokens"
     with pytest.warns(CorruptImageWarning):
         meta = extract_tokens(str(tok), data, str(out), views="ten_crop", shard_size=4, batch_size=3, **CPU)
@@ -114,7 +118,7 @@ def test_ten_crop_views_and_corrupt_images(tok: Path, tmp_path: Path, read_tars)
     # The same images as webdataset shards (JPEG bytes kept as they are; keys = the folder indices, 3 absent).
     with pytest.warns(CorruptImageWarning):
         write_shards(root=str(tmp_path / "train"), out=str(tmp_path / "images"), shard_size=4)
-    shards = ImageShardsDataModule(str(tmp_path / "images"), image_size=24, num_workers=0)
+    shards = ImageShardsDataModule(str(tmp_path / "images"), image_size=24, resize=True, num_workers=0)
     extract_tokens(str(tok), shards, str(tmp_path / "tokens2"), views="ten_crop", shard_size=4, **CPU)
     again = read_tars(tmp_path / "tokens2")
     assert sorted(again) == sorted(samples)
