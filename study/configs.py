@@ -13,10 +13,11 @@ layout, and writes into `--out`:
   variant's memory).
 
 Every file differs from the baseline only in the model lines and the run directory. A preset (`digits`,
-`imagenet256`) supplies the trainer and optimizer lines and the defaults of everything else; the tracked
+`digits64`, `imagenet256`) supplies the trainer and optimizer lines and the defaults of everything else; the tracked
 configs/ar are exactly what
 
     python -m study configs --preset digits --out configs/ar
+    python -m study configs --preset digits64 --out configs/ar
     python -m study configs --preset imagenet256 --out configs/ar
 
 write (tests/study/test_configs.py checks it byte for byte). `budget` prints the solver's table. The solver
@@ -90,6 +91,8 @@ class Preset:
     """init_args of ModelCheckpoint."""
     export_best: bool = False
     """Export the best val checkpoint instead of the last weights."""
+    grid: tuple[int, int] | None = None
+    """Token grid of the preset's own data where it differs from the named size's (used without --tokens)."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -139,6 +142,33 @@ PRESETS: dict[str, Preset] = {
         sample_every=1000,
         checkpoint="{monitor: val/nll, mode: min, save_top_k: 1, save_last: true, filename: best}",
         export_best=True,
+    ),
+    "digits64": Preset(
+        name="digits64",
+        size="gpt-small",
+        engram=EngramConfig(layers=(1,), neighborhoods=(("L", "U"), ("L", "U", "UL", "UR")), heads_per_order=4,
+                            head_dim=16),
+        rhos=(0.5,),
+        header=("# Digits tokens at downsample 2 (8x8 grid = 64 tokens, codebook 256, 10 classes) on CPU: the\n"
+                "# 64-token study's models (python -m study demo --setup digits64).\n"
+                "# python -m train ar fit --config {dir}/{name}.yaml\n"),
+        # Four times the tokens per image of the demo's models, so fewer, smaller batches keep the study of
+        # eight models within half an hour on two cores; val every 2 epochs (94 steps), best one exported.
+        trainer=("  accelerator: cpu\n  devices: 1\n  precision: 32-true\n  max_steps: 400\n  max_epochs: -1\n"
+                 "  gradient_clip_val: 1.0\n  log_every_n_steps: 20\n  check_val_every_n_epoch: 2\n"
+                 "  enable_progress_bar: false\n"),
+        optim=("  lr: 1.0e-3\n  betas: [0.9, 0.95]\n  weight_decay: 0.05\n  schedule: cosine\n  warmup_steps: 30\n"
+               "  total_steps: 400\n"),
+        train_tokens="runs/digits64/tokens/train",
+        train_note="python -m study demo --setup digits64 makes them",
+        val_tokens="runs/digits64/tokens/val",
+        batch_size=32,
+        num_workers=0,
+        tokenizer="runs/digits64/vq/tokenizer",
+        sample_every=1000,
+        checkpoint="{monitor: val/nll, mode: min, save_top_k: 1, save_last: true, filename: best}",
+        export_best=True,
+        grid=(8, 8),
     ),
 }
 """The study's presets; `--preset <key>`."""
@@ -540,6 +570,9 @@ def _generate(directory: str, preset: str | None, tokens: str | None, baseline: 
             preset_base = model_config(p.size)
             base = replace(base, vocab_size=preset_base.vocab_size, num_classes=preset_base.num_classes,
                            block_size=preset_base.block_size, grid=preset_base.grid)
+        if shapes is None and p.grid is not None:  # the preset's own data has its own grid
+            rows, cols = p.grid
+            base = replace(base, block_size=rows * cols, grid=None if rows == cols else p.grid)
     engram = _engram_layout(p.engram if p is not None else STUDY_ENGRAM, layers, neighborhoods, heads_per_order,
                             head_dim, engram_options)
     solver_family = Family(vary=family, trim_ffn=trim_ffn)
@@ -600,7 +633,7 @@ def _write(out: Path, texts: dict[str, str], overwrite: bool) -> list[Path]:
 
 def write_configs(
     out: str | None = None,
-    preset: Literal["digits", "imagenet256"] | None = None,
+    preset: Literal["digits", "digits64", "imagenet256"] | None = None,
     tokens: str | None = None,
     baseline: str | None = None,
     rhos: list[float] | None = None,
@@ -641,7 +674,7 @@ def write_configs(
             data's) or a baseline AR YAML to start from (its shapes must match meta.json; its other sections
             are kept). Default: the preset's.
         rhos: Backbone shares in (0, 1) of the iso-parameter Engram variants. Default: the preset's
-            (imagenet256: 0.17, 0.3, 0.5, 0.7, 0.9; digits: 0.5), or the study's without a preset.
+            (imagenet256: 0.17, 0.3, 0.5, 0.7, 0.9; digits, digits64: 0.5), or the study's without a preset.
         layers: 0-indexed blocks that get an Engram module. Default: the preset's (the study's without one).
         neighborhoods: One neighbourhood per n-gram order, e.g. [[L, U], [L, U, UL, UR]]. Default: the
             preset's.
