@@ -90,7 +90,7 @@ class EvaluateConfig:
     """Extractor weights file; default torch's hub cache (Inception). Never downloaded."""
     metrics: str = "fid,is,kid,prc"
     """Comma-separated subset of fid,is,kid,prc,acc (acc: class accuracy of labelled samples under the
-    extractor's classifier, for a domain classifier such as digits-classifier)."""
+    extractor's classifier, for a domain classifier such as domain-classifier)."""
     out: str | None = None
     """Output JSON path; default `<samples dir>/metrics.json`."""
     accelerator: str = "auto"

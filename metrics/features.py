@@ -2,7 +2,9 @@
 
 Ships `inception-v3-compat` (torch-fidelity's port of the TF-Inception used by the FID literature), loaded
 from an explicit path or torch's hub cache and never downloaded. Other extractors (the domain classifier
-in `metrics.domain`) join with `register_extractor`. Statistics and metric formulas live elsewhere.
+in `metrics.domain`, `domain-classifier`) join with `register_extractor`; an extractor may carry a
+`description` dict saying what its features are (the caller records it). Statistics and metric formulas
+live elsewhere.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ class FeatureExtractor(ABC):
     """Batched extractor on a fixed device. Input `images` uint8 [N,3,H,W] (0..255, any device).
 
     Subclasses implement `_forward(batch) -> (features [B,D], logits [B,C])` and set `name` and
-    `weights_sha256` (provenance recorded in metrics.json and in reference cache file names).
+    `weights_sha256` (provenance recorded in metrics.json and in reference cache file names), and may set
+    `description` (what the features are, e.g. the data a domain classifier learnt; None when unset).
     """
 
     name: str
     weights_sha256: str
+    description: dict | None = None
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
         self.device = torch.device(device)
@@ -127,8 +131,9 @@ ExtractorFactory = Callable[..., FeatureExtractor]
 
 _REGISTRY: dict[str, ExtractorFactory] = {"inception-v3-compat": InceptionV3Compat}
 # Extractors that live in their own modules and register themselves on import; imported on first use so
-# `--extractor digits-classifier` works without the caller knowing where it is defined.
-_PLUGINS: dict[str, str] = {"digits-classifier": "metrics.domain"}
+# `--extractor domain-classifier` works without the caller knowing where it is defined. `digits-classifier`
+# is the deprecated name of the same extractor.
+_PLUGINS: dict[str, str] = {"domain-classifier": "metrics.domain", "digits-classifier": "metrics.domain"}
 
 
 def register_extractor(name: str, factory: ExtractorFactory, overwrite: bool = False) -> None:

@@ -2,7 +2,7 @@
 and rFID (FID of the reconstructions against the originals, in a chosen extractor's feature space).
 
     python -m metrics tokenizer --tokenizer runs/demo/vq/tokenizer --images val.npz \
-        --extractor digits-classifier --weights runs/demo/domain_classifier
+        --extractor domain-classifier --weights runs/demo/domain_classifier
 
 LlamaGen reports rFID against the ImageNet val centre crops (`--image_size 256` on the val folder).
 Images come from an ADM `.npz` (`arr_0`), a folder or image shards (metrics.reference); PSNR and SSIM are
@@ -41,7 +41,8 @@ def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-
     Args:
         tokenizer: our tokenizer directory, a diffusers VQModel directory or a LlamaGen VQ `.pt`.
         images: real images: ADM `.npz` with `arr_0`, an image folder, or image shards.
-        extractor: feature extractor for rFID (`inception-v3-compat`, or `digits-classifier` for digits).
+        extractor: feature extractor for rFID (`inception-v3-compat`, or `domain-classifier` for small or
+            non-natural data such as the digits).
         weights: the extractor's weights (never downloaded).
         out: metrics.json path (default `<tokenizer dir>/eval_metrics.json`).
         tokenizer_size: named config of a LlamaGen `.pt` (vq-16 or vq-8).
@@ -74,7 +75,9 @@ def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-
         "num_images": count,
         "tokenizer": {"path": str(tokenizer)},
         "images": {"path": str(images), "kind": kind, "sha256": data_hash(images, kind), "image_size": image_size},
-        "extractor": {"name": fx.name, "weights_sha256": fx.weights_sha256},
+        "extractor": {"name": fx.name, "weights_sha256": fx.weights_sha256,
+                      # what the features are (for a domain classifier: the data it learnt, its accuracy)
+                      "description": getattr(fx, "description", None)},
     }
     tokenizer_dir = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
     atomic_write_text(Path(out) if out else tokenizer_dir / "eval_metrics.json", json.dumps(report, indent=2) + "\n")

@@ -4,8 +4,9 @@
    tokenizer/);
 2. token shards of the train and val splits (centre view only: mirrored digits are other glyphs) ->
    runs/demo/tokens/;
-3. a domain classifier for digits (metrics/domain.py) -> runs/demo/domain_classifier/, the reference
-   images, and the tokenizer's PSNR, SSIM and rFID on the val images -> runs/demo/vq/tokenizer/eval_metrics.json;
+3. the domain classifier (metrics/domain.py) trained on the digits -> runs/demo/domain_classifier/ (one
+   saved in an older format is retrained), the reference images, and the tokenizer's PSNR, SSIM and rFID on
+   the val images under that classifier -> runs/demo/vq/tokenizer/eval_metrics.json;
 4. the study configs/study/digits.yaml (study/runner.py): the AR baseline, an iso-parameter Engram model at
    rho 0.5 and the same with its table frozen at N(0,1) (720 steps each; the best val checkpoint is
    exported) -> runs/demo/ar/<run>/; 1000 class-balanced samples each scored with the domain classifier
@@ -72,13 +73,16 @@ def prepare_evaluation(run_dir: Path) -> dict:
     """The domain classifier, the reference images and the tokenizer's scores (each skipped when done)."""
     import numpy as np
 
-    from study.domain_classifier import train_domain_classifier
-    from tokenizers_vq.files import atomic_write
+    from metrics.domain import read_domain_classifier_meta
+    from study.domain_classifier import ClassifierTraining, train_domain_classifier
+    from tokenizers_vq.files import atomic_write, file_sha256
     from train.data.digits import digits_split
 
     classifier = run_dir / "domain_classifier"
-    if not (classifier / "model.safetensors").is_file():
-        train_domain_classifier(classifier, seed=0)
+    try:
+        read_domain_classifier_meta(classifier)
+    except (FileNotFoundError, ValueError):  # none yet, or one in a format this version no longer loads
+        train_domain_classifier(classifier, training=ClassifierTraining(seed=0))  # the embedded digits
     (run_dir / "reference").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         path = run_dir / "reference" / f"digits_{split}.npz"
@@ -91,11 +95,14 @@ def prepare_evaluation(run_dir: Path) -> dict:
 
             atomic_write(path, write)
     tokenizer_report = run_dir / "vq" / "tokenizer" / "eval_metrics.json"
-    if not tokenizer_report.is_file():
+    weights_sha256 = file_sha256(classifier / "model.safetensors")
+    # rFID is a number of one classifier's feature space: a report made with another one is recomputed
+    if not tokenizer_report.is_file() or (
+            json.loads(tokenizer_report.read_text()).get("extractor", {}).get("weights_sha256") != weights_sha256):
         from metrics.tokenizer_eval import evaluate_tokenizer
 
         evaluate_tokenizer(str(run_dir / "vq" / "tokenizer"), str(run_dir / "reference" / "digits_val.npz"),
-                           extractor="digits-classifier", weights=str(classifier))
+                           extractor="domain-classifier", weights=str(classifier))
     return json.loads(tokenizer_report.read_text())
 
 

@@ -99,13 +99,13 @@ def test_evaluate_reports_class_accuracy_and_domain_fid(digits_classifier: Path,
     (tmp_path / "real").mkdir()
     np.savez(tmp_path / "real" / "samples.npz", arr_0=images, labels=labels)
     report = evaluate(EvaluateConfig(str(tmp_path / "reference.npz"), str(tmp_path / "real"),
-                                     extractor="digits-classifier", weights=str(digits_classifier.parent),
+                                     extractor="domain-classifier", weights=str(digits_classifier.parent),
                                      metrics="fid,is,acc", accelerator="cpu", cache_dir=str(tmp_path)))
     assert report["metrics"]["class_accuracy"] >= 0.95
-    assert 0 <= report["metrics"]["fid"] < 20 and report["extractor"]["name"] == "digits-classifier"
+    assert 0 <= report["metrics"]["fid"] < 20 and report["extractor"]["name"] == "domain-classifier"
     (tmp_path / "shuffled").mkdir()
     np.savez(tmp_path / "shuffled" / "samples.npz", arr_0=images, labels=np.random.default_rng(0).permutation(labels))
     shuffled = evaluate(EvaluateConfig(str(tmp_path / "reference.npz"), str(tmp_path / "shuffled"),
-                                       extractor="digits-classifier", weights=str(digits_classifier.parent),
+                                       extractor="domain-classifier", weights=str(digits_classifier.parent),
                                        metrics="acc", accelerator="cpu", cache_dir=str(tmp_path)))
     assert shuffled["metrics"]["class_accuracy"] < 0.3

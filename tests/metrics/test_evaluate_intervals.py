@@ -34,7 +34,7 @@ def test_bootstrap_intervals_are_seeded_and_shrink_with_more_samples(tmp_path: P
     other = evaluate(_config(tmp_path, small, bootstrap=60, seed=4, out=str(tmp_path / "other.json")))
     assert first["intervals"] == again["intervals"] and first["intervals"] != other["intervals"]
     assert set(first["intervals"]) == {"fid", "is_mean", "class_accuracy"}
-    for name, interval in first["intervals"].items():
+    for interval in first["intervals"].values():
         assert interval["low"] < interval["high"] and interval["resamples"] == 60 and interval["level"] == 0.95
     # the accuracy's interval brackets the point value; FID's sits above it (resampling repeats images)
     accuracy = first["intervals"]["class_accuracy"]

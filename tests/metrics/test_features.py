@@ -1,5 +1,6 @@
 """Tests for `metrics.features`: the Inception wrapper (missing weights name the file and where to get it;
-an explicit weights file loads without a download) and the digits-classifier plugin found by name.
+an explicit weights file loads without a download) and the domain-classifier plugin found by name (also under
+its deprecated name digits-classifier).
 
 Never downloads Inception: the weights file holds a random-weight network built here.
 """
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.features import INCEPTION_WEIGHTS_FILE, build_extractor
+from metrics.features import INCEPTION_WEIGHTS_FILE, available_extractors, build_extractor
 
 
 def _images(n: int, seed: int, size: int = 8) -> np.ndarray:
@@ -47,10 +48,13 @@ def test_inception_wrapper_uses_explicit_weights_file(tmp_path: Path, monkeypatc
     assert len(fx.weights_sha256) == 64
 
 
-def test_domain_extractor_is_found_by_name_in_a_fresh_process():
+@pytest.mark.parametrize("name", ["domain-classifier", "digits-classifier"])
+def test_domain_extractor_is_found_by_name_in_a_fresh_process(name: str) -> None:
+    assert name in available_extractors()
     code = ("from metrics.features import build_extractor\n"
-            "try:\n    build_extractor('digits-classifier', weights=None)\n"
+            f"try:\n    build_extractor({name!r}, weights=None)\n"
             "except FileNotFoundError as e:\n    print('missing-weights:', e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     # Reaching the missing-weights error (not 'unknown feature extractor') means the plugin was imported.
     assert "missing-weights:" in result.stdout and "python -m study classifier" in result.stdout, result.stderr
+    assert "'domain-classifier' extractor needs weights" in result.stdout
