@@ -13,9 +13,15 @@
    (FID, IS, KID, precision/recall, class accuracy) -> runs/demo/samples/<run>/; the gate-clamp, donor and
    table probes on the 297 held-out digits -> runs/demo/probes/<run>/; and the report ->
    runs/demo/report.md with figures in runs/demo/figures/;
-5. a summary, ending with where the report is.
+5. a summary, ending with the report's sentences about each run against the baseline and where the
+   report is.
 Interrupted stages resume (tokenizer and AR from last.ckpt, extraction shard by shard, sampling batch
 by batch).
+
+`python -m study demo --setup digits64` (`make demo64`) does the same under runs/digits64/ with the
+downsample-2 tokenizer (configs/vq/digits64.yaml: 8x8 = 64 tokens per digit) and the study
+configs/study/digits64.yaml: the baseline and rho-0.5 Engram with 3 seeds each, the frozen-table and
+constant-gate runs with one, intervals across seeds and the reconstruction reference.
 """
 
 from __future__ import annotations
@@ -23,22 +29,40 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import auto_cli
 
 from study.runner import study
 from train.cli import run_stage
 
-RUN_DIR = Path("runs/demo")
-VQ_CONFIG = "configs/vq/digits.yaml"
-STUDY_CONFIG = "configs/study/digits.yaml"  # its `out` is RUN_DIR
+
+@dataclass(frozen=True)
+class DemoSetup:
+    """One embedded study: where it runs, its tokenizer config and its study YAML (whose `out` is run_dir)."""
+
+    run_dir: Path
+    """Everything the setup writes goes under this directory."""
+    vq_config: str
+    """The tokenizer's training YAML (its save_dir is overridden to <run_dir>/vq)."""
+    study_config: str
+    """The study YAML `python -m study run --config` takes."""
 
 
-def _fit_tokenizer(run_dir: Path) -> dict:
+SETUPS = {
+    # 4x4 tokens per digit: `make demo`, about 9 minutes on 2 cores
+    "digits": DemoSetup(Path("runs/demo"), "configs/vq/digits.yaml", "configs/study/digits.yaml"),
+    # 8x8 tokens per digit, 3 seeds of the baseline and of rho 0.5: `make demo64`, about half an hour
+    "digits64": DemoSetup(Path("runs/digits64"), "configs/vq/digits64.yaml", "configs/study/digits64.yaml"),
+}
+
+
+def _fit_tokenizer(run_dir: Path, vq_config: str) -> dict:
     """Fit the tokenizer with LightningCLI unless its export exists; resume a half-finished fit."""
     if not (run_dir / "tokenizer" / "model.safetensors").is_file():
-        args = ["fit", "--config", VQ_CONFIG, "--trainer.logger.init_args.save_dir", str(run_dir)]
+        args = ["fit", "--config", vq_config, "--trainer.logger.init_args.save_dir", str(run_dir)]
         if (run_dir / "checkpoints" / "last.ckpt").is_file():
             args += ["--ckpt_path", "last"]
         run_stage("tokenizer", args)
@@ -131,23 +155,36 @@ def summarize(run_dir: Path, entropy: float) -> None:
                      f"NLL at gate 0 {sweep[0.0]:.3f}, 0.1 {sweep[0.1]:.3f}, as trained "
                      f"{probe['nll_bits']['mean']:.3f} bits")
         print(line)
+    summary = _read(run_dir / "summary.json")
+    for comparison in summary.get("comparisons", []):
+        for sentence in comparison["sentences"]:
+            print(f"[demo] {sentence}")
 
 
-def demo() -> None:
-    """Run the whole pipeline and the study on the embedded digits under runs/demo (finished stages are skipped)."""
+def demo(setup: Literal["digits", "digits64"] = "digits") -> None:
+    """Run the whole pipeline and a study on the embedded digits (finished stages are skipped).
+
+    Args:
+        setup: `digits` (`make demo`: 4x4 tokens per image, one seed per run, under runs/demo) or `digits64`
+            (`make demo64`: 8x8 tokens, the baseline and rho 0.5 with 3 seeds each plus the frozen-table
+            and constant-gate runs, under runs/digits64).
+    """
     start = time.perf_counter()
-    vq = _fit_tokenizer(RUN_DIR / "vq")
-    tokens = extract(RUN_DIR)
-    tokenizer_scores = prepare_evaluation(RUN_DIR)["metrics"]
+    chosen = SETUPS[setup]
+    run_dir = chosen.run_dir
+    vq = _fit_tokenizer(run_dir / "vq", chosen.vq_config)
+    tokens = extract(run_dir)
+    tokenizer_scores = prepare_evaluation(run_dir)["metrics"]
     # the study YAML parsed exactly as `python -m study run --config` parses it
-    report = auto_cli(study, args=["--config", STUDY_CONFIG, "--command", "make demo"], as_positional=False)
+    command = "make demo" if setup == "digits" else f"python -m study demo --setup {setup}"
+    report = auto_cli(study, args=["--config", chosen.study_config, "--command", command], as_positional=False)
     entropy = unigram_entropy_bits(tokens / "train")
 
     m, t = vq["metrics"], tokenizer_scores
     print(f"\n[demo] tokenizer: val PSNR {m['psnr']:.2f} dB, codebook usage {100 * m['codebook_usage']:.1f}% "
           f"(perplexity {m['codebook_perplexity']:.1f}); on val: SSIM {t['ssim']:.3f}, domain rFID {t['rfid']:.2f}")
     print(f"[demo] unigram entropy of the training tokens: {entropy:.3f} bits/token")
-    summarize(RUN_DIR, entropy)
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s; everything is under {RUN_DIR}/")
+    summarize(run_dir, entropy)
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s; everything is under {run_dir}/")
     print(f"[demo] report: {report}")
 
