@@ -11,6 +11,12 @@ has cleared the gradient (in the backward, so Lightning's zero_grad between forw
 not undo it). The optimizer sees the same dense gradient as with nn.Embedding: AdamW, weight decay,
 clipping and gradient accumulation are unchanged.
 
+The sum is deterministic and the same bits as nn.Embedding's: torch adds an uncoalesced sparse gradient into
+a dense one as `index_add_` does, read after read in index order, the order in which nn.Embedding's backward
+sums a row's duplicate reads (equal bits at one and two threads: tests/reliability/test_determinism.py). Keep
+it that way: `index_put_(..., accumulate=True)` would be the same sum, but its CPU kernel adds with unordered
+atomics on more than one thread, and two runs then differ in the last bits of every row read twice or more.
+
 Only for host-memory weights that are plain parameters, outside torch.compile: on a GPU the caching
 allocator already reuses the block, and sharded (FSDP views) or compiled models keep nn.Embedding's
 dense path. The buffer is one table-sized tensor that stays allocated between steps.
