@@ -153,12 +153,12 @@ PRESETS: dict[str, Preset] = {
                 "# 64-token study's models (python -m study demo --setup digits64).\n"
                 "# python -m train ar fit --config {dir}/{name}.yaml\n"),
         # Four times the tokens per image of the demo's models, so fewer, smaller batches keep the study of
-        # eight models within half an hour on two cores; val every 2 epochs (94 steps), best one exported.
-        trainer=("  accelerator: cpu\n  devices: 1\n  precision: 32-true\n  max_steps: 400\n  max_epochs: -1\n"
-                 "  gradient_clip_val: 1.0\n  log_every_n_steps: 20\n  check_val_every_n_epoch: 2\n"
+        # eight models within half an hour on two cores; val every epoch (47 steps), the best one exported.
+        trainer=("  accelerator: cpu\n  devices: 1\n  precision: 32-true\n  max_steps: 240\n  max_epochs: -1\n"
+                 "  gradient_clip_val: 1.0\n  log_every_n_steps: 20\n  check_val_every_n_epoch: 1\n"
                  "  enable_progress_bar: false\n"),
-        optim=("  lr: 1.0e-3\n  betas: [0.9, 0.95]\n  weight_decay: 0.05\n  schedule: cosine\n  warmup_steps: 30\n"
-               "  total_steps: 400\n"),
+        optim=("  lr: 1.0e-3\n  betas: [0.9, 0.95]\n  weight_decay: 0.05\n  schedule: cosine\n  warmup_steps: 20\n"
+               "  total_steps: 240\n"),
         train_tokens="runs/digits64/tokens/train",
         train_note="python -m study demo --setup digits64 makes them",
         val_tokens="runs/digits64/tokens/val",
