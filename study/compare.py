@@ -105,8 +105,13 @@ def sentence(run: str, label: str, unit: str, fmt: str, lower_is_better: bool, i
     if not _excludes_zero(interval):
         return f"{run}: no difference in {label} from {reference} detected: {value} {bounds} includes zero ({basis})."
     worse = (interval["mean"] > 0) == lower_is_better
-    verb = "trails" if worse else "beats"
-    return f"{run} {verb} {reference} on {label} by {abs(interval['mean']):{fmt}}{unit} {bounds} ({basis})."
+    plural = "models" in run.split()[-1]  # "a's 3 models trail", "a trails"
+    verb = ("trail" if plural else "trails") if worse else ("beat" if plural else "beats")
+    # the size of the gap, with its interval in the same sense (a negative difference is flipped)
+    sign = 1.0 if interval["mean"] > 0 else -1.0
+    low, high = sorted((sign * interval["low"], sign * interval["high"]))
+    return (f"{run} {verb} {reference} on {label} by {abs(interval['mean']):{fmt}}{unit} "
+            f"[{low:{fmt}}, {high:{fmt}}] ({basis}).")
 
 
 def probe_settings(baseline: Run) -> dict[str, Any]:

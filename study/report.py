@@ -116,7 +116,11 @@ def run_summary(runs: list[Run], level: float) -> dict[str, dict[str, Any]]:
         summary[r.name] = {"seeds": [m.seed for m in r.members]}
         for key, *_, value in QUANTITIES:
             values = seed_values(r, value)
-            summary[r.name][key] = t_interval(values, level) if values else None
+            stats = t_interval(values, level) if values else None
+            if stats is not None and key == "class_accuracy" and stats["low"] is not None:
+                # a t interval of a few seeds can reach past what a fraction can be
+                stats.update(low=max(stats["low"], 0.0), high=min(stats["high"], 1.0))
+            summary[r.name][key] = stats
     return summary
 
 
@@ -155,7 +159,8 @@ def _runs_section(runs: list[Run], summary: dict[str, Any], recon: Source | None
         floor = get(recon, "metrics", "fid")
         lines += [f"FID vs recon. scores the samples against the tokenizer's reconstructions of the real images, "
                   f"so the AR prior is judged apart from the tokenizer's error; the reconstructions themselves "
-                  f"score FID {_num(floor, '.2f', recon.href)} against the real images (the tokenizer's floor).", ""]
+                  f"score FID {_num(floor, '.2f', recon.href)} against the real images (the tokenizer's own error in "
+                  f"this feature space; with few samples, noise can put a run below it).", ""]
     return lines
 
 

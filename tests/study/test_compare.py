@@ -59,6 +59,10 @@ def test_sentences_claim_only_what_the_interval_shows() -> None:
     above = {"mean": 0.5, "low": 0.2, "high": 0.8}
     assert sentence("a", "FID", "", ".2f", True, above, "x").startswith("a trails the baseline on FID by 0.50")
     assert sentence("a", "IS", "", ".2f", False, above, "x").startswith("a beats the baseline on IS by 0.50")
+    # a negative gap is stated as its size, with the interval flipped into the same sense
+    below = {"mean": -1.1, "low": -1.3, "high": -0.9}
+    assert sentence("a", "IS", "", ".2f", False, below, "x").startswith("a trails the baseline on IS by 1.10 [0.90, 1.30]")
+    assert sentence("a's 3 models", "NLL", "", ".2f", True, above, "x").startswith("a's 3 models trail the baseline")
     assert "no claim is made" in sentence("a", "FID", "", ".2f", True, {"mean": 0.5, "low": None}, "x")
 
 

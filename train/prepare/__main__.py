@@ -1,6 +1,8 @@
-"""`python -m train.prepare <shards|tokens> [--flags] [--config YAML]`: the command line of the data
+"""`python -m train.prepare <shards|tokens|shapes> [--flags] [--config YAML]`: the command line of the data
 preparation steps, `train.prepare.write_shards.write_shards` (an ImageFolder tree -> webdataset image
-shards) and `train.prepare.extract_tokens.extract_tokens` (images -> token shards). Nothing else lives here."""
+shards), `train.prepare.extract_tokens.extract_tokens` (images -> token shards) and
+`train.prepare.shapes.write_shapes` (the coloured-shapes example ImageFolder tree of docs/own_data.md).
+Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from typing import Any
 from jsonargparse import auto_cli, set_parsing_settings
 
 from train.prepare.extract_tokens import extract_tokens
+from train.prepare.shapes import write_shapes
 from train.prepare.write_shards import write_shards
 
-COMMANDS = {"shards": write_shards, "tokens": extract_tokens}
+COMMANDS = {"shards": write_shards, "tokens": extract_tokens, "shapes": write_shapes}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
