@@ -2,7 +2,8 @@
 
 LlamaGen files carry a pickled argparse.Namespace and buffers we rebuild ourselves (`freqs_cis`, KV
 caches, causal masks); those are dropped, everything else must fit exactly. Reading uses the tokenizer
-package's safe loader and checked strict load, so both stages refuse bad files the same way.
+package's safe loader and checked strict load, so both stages refuse bad files the same way (an unfinished,
+corrupt or mismatched model folder too: `tokenizers_vq.files.read_model_dir`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from engram_vision.model import EngramGPT
 from tokenizers_vq.files import (
     CONFIG_NAME,
     load_state_dict_checked,
+    read_model_config,
     read_model_dir,
     safe_torch_load,
     save_model_dir,
@@ -22,6 +24,10 @@ from tokenizers_vq.files import (
 
 KIND = "engram-vision-gpt"
 _REBUILT_KEYS = ("freqs_cis", "kv_cache", "causal_mask")  # LlamaGen buffers that are not weights
+LLAMAGEN_GPT_SOURCE = ("download LlamaGen's released c2i weights from the Hugging Face hub (repo "
+                       "FoundationVision/LlamaGen: c2i_B_256.pt for gpt-b, c2i_L_256.pt for gpt-l, ...) and pass "
+                       "the file's path with --model (python -m sample; --model_size names its size) or as a study "
+                       "run's `model:`")
 
 
 def load_llamagen_gpt(path: str | Path, config: ModelConfig | str = "gpt-b") -> EngramGPT:
@@ -30,6 +36,8 @@ def load_llamagen_gpt(path: str | Path, config: ModelConfig | str = "gpt-b") -> 
     config: a ModelConfig or a size name (`gpt-b` ... `gpt-3b`); it must have no Engram layers.
     """
     config = model_config(config) if isinstance(config, str) else config
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"LlamaGen checkpoint {path} not found: {LLAMAGEN_GPT_SOURCE}")
     payload = safe_torch_load(path)
     if not isinstance(payload, Mapping):
         raise ValueError(f"{path} is not a LlamaGen checkpoint (got {type(payload).__name__})")
@@ -46,9 +54,11 @@ def save_gpt(model: EngramGPT, directory: str | Path) -> Path:
 
 
 def load_gpt(directory: str | Path) -> EngramGPT:
-    """A model saved by `save_gpt`, in eval mode."""
-    config, state_dict, source = read_model_dir(directory, KIND)
-    model = EngramGPT(ModelConfig(**config))
+    """A model saved by `save_gpt`, in eval mode; an unfinished, corrupt or mismatched folder is refused
+    naming the file and the field (`tokenizers_vq.files.read_model_dir`)."""
+    config = read_model_config(directory, KIND, ModelConfig)  # before the weights are read
+    _, state_dict, source = read_model_dir(directory, KIND)
+    model = EngramGPT(config)
     load_state_dict_checked(model, state_dict, source, optional_keys=())
     return model.eval()
 
@@ -60,7 +70,8 @@ def load_any_gpt(path: str | Path, size: str | None = None) -> EngramGPT:
         return load_gpt(path)
     if path.suffix == ".pt":
         return load_llamagen_gpt(path, size or "gpt-b")
-    raise FileNotFoundError(f"no model at {path}: expected a directory with {CONFIG_NAME} or a LlamaGen .pt")
+    raise FileNotFoundError(f"no model at {path}: expected our exported directory (with {CONFIG_NAME}) or a "
+                            f"LlamaGen .pt ({LLAMAGEN_GPT_SOURCE})")
 
 
 __all__ = ["load_any_gpt", "load_gpt", "load_llamagen_gpt", "save_gpt"]

@@ -7,8 +7,18 @@ import argparse
 import pytest
 import torch
 
-from engram_vision.checkpoint import load_any_gpt, load_gpt, load_llamagen_gpt, save_gpt
+from engram_vision.checkpoint import KIND, load_any_gpt, load_gpt, load_llamagen_gpt, save_gpt
 from engram_vision.config import ModelConfig
+
+
+def _old_export(directory, state_dict, config) -> None:
+    """A folder as versions before the recorded hash wrote it: bare metadata, {kind, config} only."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file(state_dict, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({"kind": KIND, "config": config.to_dict()}))
 
 
 def test_llamagen_file_with_namespace_and_rebuilt_buffers_loads(reference_dir, tmp_path):
@@ -46,8 +56,6 @@ def test_safetensors_round_trip_keeps_hash_constants_and_outputs(random_model, t
 def test_export_with_separate_key_and_value_projections_still_loads(random_model, tiny_config, tmp_path):
     """An export written before the key/value projections were fused: the checked load lets the model's
     load hook convert it instead of refusing the old key names."""
-    from safetensors.torch import save_file
-
     model = random_model(tiny_config())
     save_gpt(model, tmp_path)
     old = {}
@@ -58,7 +66,7 @@ def test_export_with_separate_key_and_value_projections_still_loads(random_model
                 key.contiguous(), value.contiguous())
         else:
             old[name] = tensor.contiguous()
-    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _old_export(tmp_path, old, model.config)
     tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(load_gpt(tmp_path)(tokens, labels), model(tokens, labels))
@@ -69,8 +77,6 @@ def test_export_with_hash_constants_per_layer_still_loads_and_hashes_with_them(r
     load hook lays them out as its hash buffers, and the loaded model hashes with the file's constants
     (here drawn with another seed than the config's), not with fresh ones."""
     from dataclasses import replace
-
-    from safetensors.torch import save_file
 
     from engram_vision.hashing import hash_constants, make_hash_params
 
@@ -85,7 +91,7 @@ def test_export_with_hash_constants_per_layer_still_loads_and_hashes_with_them(r
     for layer, params in other.items():
         for name in ("multipliers", "primes", "offsets"):
             old[f"layers.{layer}.engram.{name}"] = getattr(params, name).contiguous()
-    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _old_export(tmp_path, old, config)
     loaded = load_gpt(tmp_path)
     fresh = random_model(config)  # the same weights, the config's own constants
     assert not torch.equal(fresh.hash_slot_multipliers, loaded.hash_slot_multipliers)
@@ -93,3 +99,15 @@ def test_export_with_hash_constants_per_layer_still_loads_and_hashes_with_them(r
     with torch.no_grad():
         assert torch.equal(loaded(tokens, labels), model(tokens, labels))
         assert not torch.equal(loaded(tokens, labels), fresh(tokens, labels))
+
+
+@pytest.mark.parametrize("load", [lambda p: load_llamagen_gpt(p, "gpt-b"), lambda p: load_any_gpt(p)],
+                         ids=["load_llamagen_gpt", "load_any_gpt"])
+def test_missing_llamagen_file_says_where_to_get_it_and_which_flag_takes_it(load, tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load(tmp_path / "c2i_B_256.pt")
+    message = str(error.value)
+    assert str(tmp_path / "c2i_B_256.pt") in message
+    for needed in ("Hugging Face hub", "FoundationVision/LlamaGen", "c2i_B_256.pt for gpt-b", "--model",
+                   "--model_size"):
+        assert needed in message, needed

@@ -74,3 +74,30 @@ def test_safetensors_round_trip_and_dispatch(tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "tok"), VQModel)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_vq(tmp_path)
+
+
+@pytest.mark.parametrize("load", [lambda p: load_llamagen_vq(p, "vq-16"), lambda p: load_tokenizer(p)],
+                         ids=["load_llamagen_vq", "load_tokenizer"])
+def test_missing_llamagen_file_says_where_to_get_it_and_which_flag_takes_it(load, tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load(tmp_path / "vq_ds16_c2i.pt")
+    message = str(error.value)
+    assert str(tmp_path / "vq_ds16_c2i.pt") in message
+    for needed in ("Hugging Face hub", "FoundationVision/LlamaGen", "vq_ds16_c2i.pt for vq-16", "--tokenizer",
+                   "--tokenizer_size"):
+        assert needed in message, needed
+
+
+def test_saved_folder_records_the_weights_and_config_inside_them(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from tokenizers_vq.files import MODEL_META_KEY, file_sha256
+
+    save_vq(_tiny(), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["weights_sha256"] == file_sha256(tmp_path / "model.safetensors")
+    assert meta["weights_bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()[MODEL_META_KEY]) == {"kind": meta["kind"], "config": meta["config"]}
