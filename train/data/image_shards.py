@@ -5,11 +5,15 @@ Shards are split over ranks (`wds.split_by_node`), then DataLoader workers (`wds
 image and label members are ever extracted (never `.pyd`/`.pth` pickles); a corrupt member is skipped and
 counted like a corrupt file in `images.py` (which holds the shared skip-and-count machinery and the
 stored-size rule), while a label outside [0, num_classes), or an image not stored at `image_size` when
-`resize` is off, stops the run.
+`resize` is off, stops the run. So does a shard that holds fewer samples than its `.json` summary records (a
+truncated copy; checked by size before the loader starts and by count as each shard's stream ends,
+`train.data.shard_integrity`), a key repeated inside a shard, a shard listed twice, and a `classes.json`
+naming a class twice.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -24,7 +28,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from train.data.folder_files import DuplicateInputError
 from train.data.images import SkipCounter, _first_readable, _loader, _SizedImagesDataModule
+from train.data.shard_integrity import (
+    TruncatedShardError,
+    check_shard_files,
+    counted_samples,
+    summary_records,
+)
 from train.data.transforms import (
     UNREADABLE_IMAGE_ERRORS,
     ImageSizeError,
@@ -39,7 +50,7 @@ from train.data.views import TarViews, ViewsDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageShardsDataModule", "is_local_url", "shard_urls"]
+__all__ = ["ImageShardsDataModule", "is_local_url", "shard_urls", "read_classes"]
 
 
 def is_local_url(url: str) -> bool:
@@ -77,9 +88,36 @@ def _classes_path(spec: str) -> Path | None:
     return Path(first).parent / "classes.json" if is_local_url(first) else None
 
 
+_REQUIRED = ("jpg", "cls")  # the members of a complete image sample
+
+
 def _wanted_member(fname: str) -> bool:
     # Only image and label bytes are ever read: .pyd/.pth/pickle members are not even extracted.
     return fname.endswith((".jpg", ".cls"))
+
+
+def read_classes(path: Path) -> list[str]:
+    """Class names in label order from a `classes.json` ({"0": name, "1": name, ...}, as
+    `train.prepare.write_shards` writes it); a ValueError naming the file for keys that are not 0..n-1 or a
+    name listed twice (also when differing only in case): two labels would then name one class."""
+    try:
+        names = json.loads(path.read_text())
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{path} is not valid JSON ({exn}); rewrite it with `python -m train.prepare shards`") from exn
+    if not isinstance(names, dict) or sorted(names, key=lambda k: int(k) if str(k).isdigit() else -1) != [
+            str(i) for i in range(len(names))]:
+        raise ValueError(f"{path} must map the labels 0..n-1 to class names, like `python -m train.prepare "
+                         f"shards` writes it")
+    ordered = [str(names[str(i)]) for i in range(len(names))]
+    first: dict[str, int] = {}
+    for label, name in enumerate(ordered):
+        other = first.setdefault(name.casefold(), label)
+        if other != label:
+            raise DuplicateInputError(
+                f"{path} names class {name!r} twice (labels {other} and {label}"
+                f"{', differing only in case' if ordered[other] != name else ''}): the two labels would be one "
+                f"class; fix the class folders and rewrite the shards")
+    return ordered
 
 
 class _ShardErrorHandler:
@@ -94,7 +132,7 @@ class _ShardErrorHandler:
         self.counter = counter
 
     def __call__(self, exn: BaseException) -> bool:
-        if isinstance(exn, (LabelError, ImageSizeError)):
+        if isinstance(exn, (LabelError, ImageSizeError, TruncatedShardError, DuplicateInputError)):
             raise exn
         self.counter.add("in shard stream", repr(exn))
         return True
@@ -201,7 +239,7 @@ class ImageShardsDataModule(_SizedImagesDataModule):
                     f"set num_classes, or put classes.json (see train.prepare.write_shards) at "
                     f"{path or 'the folder of local shards'}"
                 )
-            self._num_classes = len(json.loads(path.read_text()))
+            self._num_classes = len(read_classes(path))
         return self._num_classes
 
     def first_image(self, split: Literal["train", "val"]) -> tuple[tuple[int, int], str] | None:
@@ -225,7 +263,7 @@ class ImageShardsDataModule(_SizedImagesDataModule):
         train, val = _classes_path(self.train_shards), _classes_path(spec)
         if train is None or val is None or not (train.is_file() and val.is_file()):
             return
-        if json.loads(train.read_text()) != json.loads(val.read_text()):
+        if read_classes(train) != read_classes(val):
             raise ValueError(
                 f"{val} lists other classes than {train}: the validation labels would name "
                 f"other classes; write both splits from folders with the same class folders"
@@ -273,22 +311,24 @@ class ImageShardsDataModule(_SizedImagesDataModule):
         urls = shard_urls(spec)
         if not train:
             self._check_val_classes(spec)
+        records = summary_records(urls)
+        check_shard_files(urls, records, _REQUIRED, "images")  # before any worker starts
         workers = self._num_loader_workers(spec, len(urls), train)
-        dataset = wds.WebDataset(
-            urls,
-            handler=handler,
-            resampled=train and self.resampled,
-            shardshuffle=100 if train and not self.resampled else False,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            select_files=_wanted_member,
-            empty_check=False,  # a worker or rank without shards yields nothing instead of raising
-        )
+        resampled = train and self.resampled
+        # webdataset's WebDataset pipeline, with the tar expansion replaced by one that checks each shard's
+        # sample count against its summary as the shard ends (and refuses a key repeated inside it).
+        stages: list[Any] = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls),
+                             wds.split_by_node, wds.split_by_worker]
+        if train and not resampled:
+            stages.append(wds.shuffle(100))
+        stages.append(functools.partial(counted_samples, records=records, required=_REQUIRED, kind="images",
+                                        select_files=_wanted_member, handler=handler))
         if train and self.shuffle_buffer > 0:
-            dataset = dataset.shuffle(self.shuffle_buffer)
+            stages.append(wds.shuffle(self.shuffle_buffer))
         transform = (train_transform if train else eval_transform)(self.transform_cfg)
         decoder = _ShardDecoder(transform, self.skip_counter, self._label_range())
-        dataset = dataset.map(decoder, handler=handler)
+        stages.append(wds.map(decoder, handler=handler))
+        dataset = wds.DataPipeline(*stages)
         if train and self.samples_per_epoch is not None:
             dataset = dataset.with_epoch(math.ceil(self.samples_per_epoch / max(1, workers)))
         return _loader(dataset, self.batch_size, workers, shuffle=False)

@@ -18,7 +18,6 @@ models are other modules' business.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,9 +28,10 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from train.data import digits
+from train.data.folder_files import find_classes_checked, make_dataset_checked
 from train.data.transforms import (
     UNREADABLE_IMAGE_ERRORS,
     CorruptImageWarning,
@@ -270,6 +270,19 @@ class DigitsDataModule(LightningDataModule):
         return DigitsViews(split, views)
 
 
+class _CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder listing each real file once (`train.data.folder_files`): a symlink loop, a
+    file or folder reached twice, or class names differing only in case raise `DuplicateInputError`."""
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return find_classes_checked(directory)
+
+    @staticmethod
+    def make_dataset(directory: str | Path, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        return make_dataset_checked(directory, class_to_idx, tuple(extensions or IMG_EXTENSIONS))
+
+
 class ImageFolderDataModule(_SizedImagesDataModule):
     """An ImageNet-layout tree `root/{train_dir,val_dir}/<class>/<image>`, via torchvision's ImageFolder.
 
@@ -319,7 +332,7 @@ class ImageFolderDataModule(_SizedImagesDataModule):
     def num_classes(self) -> int:
         """Number of class folders in `root/train_dir` (read on first use)."""
         if self._num_classes is None:
-            self._num_classes = len(find_classes(self.root / self.train_dir)[0])
+            self._num_classes = len(find_classes_checked(self.root / self.train_dir)[0])
         return self._num_classes
 
     def _split_root(self, split_dir: str) -> Path:
@@ -330,7 +343,7 @@ class ImageFolderDataModule(_SizedImagesDataModule):
         """
         path = self.root / split_dir
         if split_dir != self.train_dir:
-            ours, train = find_classes(path)[0], find_classes(self.root / self.train_dir)[0]
+            ours, train = find_classes_checked(path)[0], find_classes_checked(self.root / self.train_dir)[0]
             if ours != train:
                 extra, missing = sorted(set(ours) - set(train)), sorted(set(train) - set(ours))
                 raise ValueError(
@@ -348,19 +361,15 @@ class ImageFolderDataModule(_SizedImagesDataModule):
         root = self.root / split_dir
 
         def candidates() -> Iterator[tuple[str, str]]:
-            for name in find_classes(root)[0]:
-                # torchvision's make_dataset order: a sorted walk of each class folder
-                for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
-                    for file in sorted(files):
-                        if has_file_allowed_extension(file, IMG_EXTENSIONS):
-                            path = os.path.join(folder, file)
-                            yield path, path
+            # ImageFolder's order, each real file once (a symlink loop is an error, not a longer list)
+            for path, _ in make_dataset_checked(root, find_classes_checked(root)[1]):
+                yield path, path
 
         return _first_readable(candidates())
 
     def _dataloader(self, split_dir: str, train: bool) -> DataLoader:
         transform = (train_transform if train else eval_transform)(self.transform_cfg)
-        dataset = ImageFolder(
+        dataset = _CheckedImageFolder(
             str(self._split_root(split_dir)), loader=SafeImageLoader(self.skip_counter, transform)
         )
         collate = SkipNoneCollate(self.image_size)

@@ -6,7 +6,10 @@ centre, centre + flip, or LlamaGen's ten-crop; view 0 is always the centre crop)
 yields `views = None`: it is warned about and counted through the owning DataModule's skip counter, and
 the extractor lists it. A label outside [0, num_classes), an unreadable tar, or (without `resize`) an
 image not stored at image_size x image_size (`ImageSizeError`) raises instead (naming the image):
-extraction must not quietly write a wrong data set.
+extraction must not quietly write a wrong data set. So does input that would be read twice or come out
+short: a folder symlink loop or a file reached twice (`train.data.folder_files`), a key repeated in or across
+shards, and an image shard holding fewer samples than its `.json` summary records (a truncated copy:
+`train.data.shard_integrity`).
 `ViewsCollate` batches items into a dict and keeps the skipped indices. The DataModules in
 `train.data.images` build these (`views_dataset(split, views)`); encoding and writing shards is
 `train.prepare.extract_tokens`' job.
@@ -14,8 +17,6 @@ extraction must not quietly write a wrong data set.
 
 from __future__ import annotations
 
-import re
-import tarfile
 from pathlib import Path
 from typing import Protocol
 
@@ -23,9 +24,17 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from train.data import digits
+from train.data.folder_files import DuplicateInputError, find_classes_checked, make_dataset_checked
+from train.data.shard_integrity import (
+    ShardRecord,
+    check_shard_files,
+    duplicate_key_error,
+    scan_tar,
+    summary_records,
+    truncated_error,
+)
 from train.data.transforms import (
     UNREADABLE_IMAGE_ERRORS,
     ImageSizeError,
@@ -100,8 +109,8 @@ class FolderViews(ViewsDataset):
 
     def __init__(self, root: str | Path, image_size: int, views: ViewMode, counter: _SkipCounter,
                  resize: bool = False) -> None:
-        _, class_to_idx = find_classes(str(root))
-        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        _, class_to_idx = find_classes_checked(str(root))
+        self.samples = make_dataset_checked(str(root), class_to_idx)  # each real file once
         self.indices = np.arange(len(self.samples), dtype=np.int64)
         self.image_size, self.views, self.counter, self.resize = image_size, views, counter, resize
 
@@ -116,10 +125,6 @@ class FolderViews(ViewsDataset):
             self.counter.add(path, exn)
             return position, None, label
         return position, self._views(image, position), label
-
-
-# webdataset's key rule: the key is the member path up to the first dot of its base name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class TarViews(ViewsDataset):
@@ -145,19 +150,22 @@ class TarViews(ViewsDataset):
         if remote:
             raise ValueError(f"token extraction reads local shards only (random access), got {remote[0]}")
         entries: dict[tuple[str, str], dict] = {}  # (url, key) -> {"jpg": (offset, size), "cls": int}
+        records = summary_records(urls)
+        check_shard_files(urls, records, _REQUIRED, "images")  # the same file twice; sizes where recorded
         for url in urls:
-            try:
-                _index_tar(url, entries, num_classes)
-            except tarfile.TarError as exn:  # tarfile's messages do not name the file
-                raise ValueError(
-                    f"image shard {url} is not a readable (uncompressed) tar file: {exn}"
-                ) from exn
+            _index_tar(url, entries, num_classes, records.get(url))
         self.items = list(entries.items())
         keys = [key for (_, key), _ in self.items]
         if keys and all(k.isdigit() for k in keys):
             indices = np.asarray([int(k) for k in keys], dtype=np.int64)
-            if len(np.unique(indices)) != len(indices):
-                raise ValueError("duplicate integer keys across the image shards")
+            unique, counts = np.unique(indices, return_counts=True)
+            if len(unique) != len(indices):
+                twice = int(unique[counts > 1][0])
+                where = [url for (url, key), _ in self.items if int(key) == twice]
+                raise DuplicateInputError(
+                    f"image {twice} (key {twice:09d}) is in {len(where)} places ({', '.join(where[:3])}): it "
+                    f"would be encoded more than once; remove the shard that does not belong (shards of one "
+                    f"split written by one `python -m train.prepare shards` run never share a key)")
             order = np.argsort(indices, kind="stable")
             self.items = [self.items[i] for i in order]
             self.indices = indices[order]
@@ -186,19 +194,27 @@ class TarViews(ViewsDataset):
         return index, self._views(image, position), label
 
 
-def _index_tar(url: str, entries: dict[tuple[str, str], dict], num_classes: int | None) -> None:
-    """Record where each `jpg` of shard `url` lies and read (and check) each `cls`, into `entries`."""
-    with tarfile.open(url, "r:") as tar:  # "r:": uncompressed, so member offsets are file offsets
-        for member in tar:
-            match = _KEY_EXT.match(member.name)
-            if not member.isfile() or match is None or match.group(2) not in ("jpg", "cls"):
-                continue  # never touch other members (.pyd/.pth pickles included)
-            entry = entries.setdefault((url, match.group(1)), {})
-            if match.group(2) == "jpg":
-                entry["jpg"] = (member.offset_data, member.size)
-            else:
-                raw = tar.extractfile(member).read()
-                entry["cls"] = parse_label(raw, num_classes, f"{url}:{match.group(1)}")
+_REQUIRED = ("jpg", "cls")
+
+
+def _index_tar(url: str, entries: dict[tuple[str, str], dict], num_classes: int | None,
+               record: ShardRecord | None) -> None:
+    """Record where each `jpg` of shard `url` lies and read (and check) each `cls`, into `entries`; the
+    shard's complete samples must number what its summary records, and no key may repeat."""
+    scan = scan_tar(url, _REQUIRED)  # headers only: never touches other members (.pyd/.pth pickles included)
+    if scan.duplicates:
+        raise duplicate_key_error(url, scan.duplicates[0], "images")
+    if record is not None and record.num_samples is not None and scan.num_samples != record.num_samples:
+        raise truncated_error(url, record, scan.num_samples, "images")
+    with open(url, "rb") as stream:
+        for key, members in scan.samples + scan.incomplete:
+            entry = entries.setdefault((url, key), {})
+            if "jpg" in members:
+                entry["jpg"] = members["jpg"]
+            if "cls" in members:
+                offset, size = members["cls"]
+                stream.seek(offset)
+                entry["cls"] = parse_label(stream.read(size), num_classes, f"{url}:{key}")
 
 
 class ViewsCollate:

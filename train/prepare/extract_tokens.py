@@ -10,7 +10,8 @@ closing line. Any image mode (grayscale, CMYK, 16-bit) is read as 8-bit RGB (`tr
 A label outside [0, num_classes) stops the run with a ValueError naming the image.
 
 Runs through Lightning's predict loop on every rank. Resumable: the index space is cut into fixed shards of
-`shard_size` consecutive indices, dealt to ranks in turn; shards already on disk are skipped; each shard is
+`shard_size` consecutive indices, dealt to ranks in turn; shards already on disk are skipped (refused when
+their size disagrees with their summary: a truncated copy); each shard is
 written to a temporary file beside it and renamed once complete (its `<name>.json` summary first), so an
 interruption or a full disk loses at most the shards in flight, which the next run redoes (removing their
 temporary files). Rank 0 writes meta.json atomically after
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,11 @@ class ShardPlan:
         if not (self.tar(k).is_file() and self.summary(k).is_file()):
             return False  # a summary without its tar: the rename never happened, so redo the shard
         summary = json.loads(self.summary(k).read_text())
+        size = self.tar(k).stat().st_size
+        if summary.get("num_bytes") not in (None, size):
+            raise ValueError(f"{self.tar(k)} has {size} bytes but {self.summary(k)} records "
+                             f"{summary['num_bytes']}: the shard is truncated or was replaced; delete both "
+                             f"files and rerun to re-write it")
         written_with = summary.get("signature", {})
         differ = sorted(key for key in self.signature if written_with.get(key) != self.signature[key])
         if differ or summary.get("num_items") != self.counts[k]:
@@ -202,8 +209,10 @@ class TokenShardWriter(BasePredictionWriter):
                     sink.write({"__key__": f"{index:0{KEY_DIGITS}d}", "tokens.npy": buffer.getvalue(),
                                 "cls": str(label).encode()})
             # The summary once the tar is whole and before it is renamed into place: a shard counts as done
-            # only when both exist (`ShardPlan.is_complete`).
-            atomic_write_text(self.plan.summary(k), json.dumps(summary, indent=1))
+            # only when both exist (`ShardPlan.is_complete`). Its byte size lets readers tell a truncated
+            # copy from the shard (`train.data.shard_integrity`).
+            atomic_write_text(self.plan.summary(k), json.dumps({**summary, "num_bytes": os.path.getsize(tmp)},
+                                                               indent=1))
 
         # fsynced before the rename, so the rename never exposes a shard the disk has not got.
         atomic_write(final, write_tar, sync=True)
@@ -233,8 +242,11 @@ def _write_meta(plan: ShardPlan, info: dict[str, Any]) -> dict[str, Any]:
         if not plan.is_complete(k):
             raise RuntimeError(f"shard {plan.tar(k)} is missing after extraction: did a rank fail?")
         summary = json.loads(plan.summary(k).read_text())
-        shards.append({"name": summary["shard"], "first_index": summary["first_index"],
-                       "num_samples": summary["num_samples"]})
+        entry = {"name": summary["shard"], "first_index": summary["first_index"],
+                 "num_samples": summary["num_samples"]}
+        if "num_bytes" in summary:  # absent from shards an older version wrote (then counted by headers)
+            entry["num_bytes"] = summary["num_bytes"]
+        shards.append(entry)
         skipped += summary["skipped"]
         total += summary["num_samples"]
     meta = {**info, "num_samples": total, "num_shards": len(shards), "num_skipped": len(skipped),

@@ -7,7 +7,9 @@ maps index -> folder name. Shard k holds source files
 [k * shard_size, (k+1) * shard_size), so shard contents never depend on which other shards exist, and a
 rerun can skip finished shards. Each shard is written under a temporary name beside it and renamed once
 complete (a crash or a full disk leaves no half shard; the rerun removes the temporary file), after a
-`<prefix>-NNNNNN.json` summary beside it. Corrupt or truncated
+`<prefix>-NNNNNN.json` summary beside it (its sample count and tar size, which the readers check to catch
+truncated copies). A symlink loop, a file reached twice or class folders differing only in case stop the
+run before any shard is written (`train.data.folder_files`). Corrupt or truncated
 images are skipped, warned about, listed in their shard's summary, and totalled in the printed line and
 the returned summary. Reading the shards is `train.data.image_shards`' job.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,9 +26,9 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from tokenizers_vq.files import atomic_write, atomic_write_text, remove_stale_temps
+from train.data.folder_files import find_classes_checked, make_dataset_checked
 from train.data.transforms import UNREADABLE_IMAGE_ERRORS, CorruptImageWarning, to_rgb
 
 __all__ = ["write_shards", "encode_jpeg", "KEY_DIGITS"]
@@ -71,6 +74,12 @@ def _write_one_shard(job: dict[str, Any]) -> dict[str, Any]:
                 f"{final} holds files {summary['first_index']}..+{summary['num_files']}, but this run "
                 f"would put {first}..+{len(files)} there: was it written with another shard_size or tree?"
             )
+        size = os.path.getsize(final)
+        if summary.get("num_bytes") not in (None, size):
+            raise ValueError(
+                f"{final} has {size} bytes but {summary_path} records {summary['num_bytes']}: the shard is "
+                f"truncated or was replaced; delete it and its .json and rerun to re-write it"
+            )
         return {**summary, "shard": final.name, "reused": True}
 
     # One process writes a shard: temporary files of its name are leftovers of a killed run.
@@ -92,7 +101,8 @@ def _write_one_shard(job: dict[str, Any]) -> dict[str, Any]:
                 sink.write({"__key__": f"{first + offset:0{KEY_DIGITS}d}", "jpg": data,
                             "cls": str(label).encode()})
                 written += 1
-        summary.update(num_samples=written, skipped=skipped)
+        # num_samples and num_bytes let every reader tell a whole shard from a truncated copy.
+        summary.update(num_samples=written, num_bytes=os.path.getsize(tmp), skipped=skipped)
         atomic_write_text(summary_path, json.dumps(summary, indent=1))  # before the tar is renamed into place
 
     atomic_write(final, write_tar, sync=True)  # the shard appears complete or not at all
@@ -124,9 +134,10 @@ def write_shards(
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     root_path, out_path = Path(root), Path(out)
     prefix = prefix or root_path.resolve().name
-    classes, class_to_idx = find_classes(root_path)
-    # make_dataset walks classes and files in sorted order, so global indices are reproducible.
-    files = make_dataset(root_path, class_to_idx, extensions=IMG_EXTENSIONS)
+    classes, class_to_idx = find_classes_checked(root_path)
+    # Classes and files in sorted order (torchvision's), so global indices are reproducible; each real
+    # file once, so a symlink loop or a doubly linked file is an error, not a bigger data set.
+    files = make_dataset_checked(root_path, class_to_idx)
     out_path.mkdir(parents=True, exist_ok=True)
 
     classes_json = json.dumps({str(i): name for i, name in enumerate(classes)}, indent=1)
