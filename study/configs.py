@@ -88,7 +88,9 @@ class Preset:
     sample_every: int
     """SampleGrid interval in steps."""
     checkpoint: str = "{save_last: true, save_top_k: 0}"
-    """init_args of ModelCheckpoint."""
+    """init_args of the checkpoint callback."""
+    checkpoint_class: str = "lightning.pytorch.callbacks.ModelCheckpoint"
+    """Class path of the checkpoint callback (train.periodic_checkpoint.PeriodicCheckpoint for long runs)."""
     export_best: bool = False
     """Export the best val checkpoint instead of the last weights."""
     grid: tuple[int, int] | None = None
@@ -116,6 +118,9 @@ PRESETS: dict[str, Preset] = {
         num_workers=8,
         tokenizer="/data/llamagen/vq_ds16_c2i.pt",
         sample_every=5000,
+        # every 5000 steps (LlamaGen's interval), resumable mid-epoch; every 10th kept for python -m study curve
+        checkpoint="{every_n_steps: 5000, keep_last: 2, keep_every_nth: 10}",
+        checkpoint_class="train.periodic_checkpoint.PeriodicCheckpoint",
     ),
     "digits": Preset(
         name="digits",
@@ -426,7 +431,7 @@ class _PresetRecipe:
         p = self.preset
         sample_grid = (f"{{tokenizer: {_yaml_value(self.tokenizer)}, every_n_steps: {p.sample_every}, "
                        f"per_class: 8, sampling: {{cfg_scale: 2.0}}}}")
-        callbacks = ("  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        callbacks = (f"  callbacks:\n    - class_path: {p.checkpoint_class}\n"
                      f"      init_args: {p.checkpoint}\n"
                      "    - class_path: train.callbacks.MetricsJson\n"
                      "    - class_path: train.throughput.TokenThroughput   # tokens/s, FLOP/s, MFU (GPUs)\n"

@@ -85,6 +85,9 @@ def checkpoint_mismatch(module: L.LightningModule, state_dict: dict[str, torch.T
     return "\n".join(lines)
 
 
+RNG_KEY = "engram_vision_rng_states"
+"""Checkpoint key of torch's generator states at the save (restored on resume)."""
+
 RESUME_HINT = ("no checkpoint was written from this state; the last checkpoint is intact: resume with "
                "--ckpt_path last (e.g. with a lower lr or gradient clipping) or a checkpoint from before the step")
 
@@ -134,6 +137,25 @@ def check_finite_weights(state_dict: Mapping[str, Any], global_step: int) -> Non
                                      f"NaN or inf values; {RESUME_HINT}")
 
 
+def _undo_double_step_count(checkpoint: dict) -> None:
+    """Correct the logging step of a checkpoint saved after training stopped mid-epoch (at `max_steps`).
+
+    Lightning counts `_batches_that_stepped` (the step loggers write) one behind `global_step` while a batch
+    ends, and on a resume from a batch that completed mid-epoch it adds the missing 1. A checkpoint written
+    at the end of training (`on_train_end`: ModelCheckpoint's last.ckpt, PeriodicCheckpoint's final file)
+    already holds the full count, so the resumed run would log every step one too high (and the next
+    resume two). Runs before Lightning restores the loops (`on_load_checkpoint` is called first)."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        state, progress = loop["epoch_loop.state_dict"], loop["epoch_loop.batch_progress"]
+        current = progress["current"]
+    except (KeyError, TypeError):
+        return
+    completed_mid_epoch = current["completed"] == current["ready"] and not progress.get("is_last_batch", False)
+    if completed_mid_epoch and state.get("_batches_that_stepped") == checkpoint.get("global_step", -1) > 0:
+        state["_batches_that_stepped"] -= 1
+
+
 class GuardedCheckpoints:
     """Mixin for a LightningModule (listed before it) that owns `_loss_guard` (a LossGuard) and keeps its
     model configuration in the hyper-parameter `config_name`: checks the loss before validation, every
@@ -146,6 +168,18 @@ class GuardedCheckpoints:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._saved_hparams = checkpoint.get("hyper_parameters", {})  # for a readable error if it does not fit
+        _undo_double_step_count(checkpoint)
+        states = checkpoint.get(RNG_KEY)
+        # Applied at the first training batch, not now: between the restore and that batch a resumed run
+        # draws from the generator where an uninterrupted one did not (the new DataLoader iterator's seed,
+        # the sanity check's), so only that point matches the state the checkpoint was saved in.
+        self._pending_rng = states if isinstance(states, dict) and isinstance(states.get("cpu"), Tensor) else None
+        trainer = self._trainer  # None when a checkpoint is loaded outside a Trainer
+        if trainer is not None and "global_step" in checkpoint:
+            # The steps after this checkpoint are trained again: their rows of the earlier log go (train.csv_log).
+            for logger in trainer.loggers:
+                if hasattr(logger, "forget_after") and trainer.is_global_zero:
+                    logger.forget_after(int(checkpoint["global_step"]))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         try:
@@ -155,10 +189,21 @@ class GuardedCheckpoints:
             raise ValueError(checkpoint_mismatch(self, state_dict, saved, self.hparams[self.config_name],
                                                  f"model.{self.config_name}")) from error  # the YAML key
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        states, self._pending_rng = getattr(self, "_pending_rng", None), None
+        if states is not None:
+            torch.set_rng_state(states["cpu"])
+            if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning writes the file: a raise here leaves the previous checkpoint as it was.
         self._loss_guard.check()
         check_finite_weights(checkpoint["state_dict"], self.global_step)
+        # torch's generators (dropout, class dropout), so a resumed run draws the masks an uninterrupted one
+        # would; tensors only, which a weights_only load reads (data order is the data module's state).
+        checkpoint[RNG_KEY] = {"cpu": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_train_end(self) -> None:
         self._loss_guard.check()  # the last step's losses, before ExportModel writes the model

@@ -22,6 +22,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizers_vq.files import atomic_write_text
 from train.checkpoints import use_atomic_checkpoints
+from train.config_trust import check_class_paths, split_allow_flags
+from train.csv_log import keep_csv_logs
+from train.resume import EarlierRunError, checkpoint_dirs, resume_plan, set_aside_log
 
 
 def _tokenizer_module() -> type[L.LightningModule]:
@@ -52,8 +55,9 @@ def with_safe_loading(args: list[str]) -> list[str]:
 
 
 class AtomicSaveConfig(SaveConfigCallback):
-    """Lightning's SaveConfigCallback, but `<log_dir>/config.yaml` goes through `atomic_write_text` (a rerun
-    overwrites it: a resumed run saves the config it resumed with)."""
+    """Lightning's SaveConfigCallback, but `<log_dir>/config.yaml` goes through `atomic_write_text`, and a
+    resumed run whose config differs keeps the earlier one as `config.earlier-<n>.yaml` (the config.yaml is
+    always the one the latest run used)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
@@ -61,17 +65,41 @@ class AtomicSaveConfig(SaveConfigCallback):
         log_dir = trainer.log_dir  # a broadcast: every rank must ask
         if self.save_to_log_dir and log_dir is not None and trainer.is_global_zero:
             text = self.parser.dump(self.config, skip_none=False)
-            atomic_write_text(Path(log_dir) / self.config_filename, text)
+            path = Path(log_dir) / self.config_filename
+            if path.is_file() and path.read_text() != text:
+                n = 1
+                while (earlier := path.with_name(f"{path.stem}.earlier-{n}{path.suffix}")).exists():
+                    n += 1
+                path.rename(earlier)
+            atomic_write_text(path, text)
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
         self.already_saved = trainer.strategy.broadcast(True)
 
 
 class _CLI(LightningCLI):
-    """LightningCLI whose Trainer writes checkpoints atomically."""
+    """LightningCLI whose Trainer writes checkpoints atomically, keeps CSV logs across a resume and
+    resumes a run folder that holds `last.ckpt` instead of starting over on top of it (`train.resume`)."""
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
+        trainer = use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
+        keep_csv_logs(trainer.loggers)
+        return trainer
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        try:
+            plan = resume_plan(run_dir, checkpoint_dirs(self.trainer), config.get("ckpt_path"))
+        except EarlierRunError as error:
+            raise SystemExit(f"python -m train: {error}") from None
+        if self.trainer.is_global_zero:
+            if plan.message:
+                print(f"python -m train: {plan.message}", flush=True)
+            if plan.set_aside is not None:
+                print(f"python -m train: {plan.set_aside} (a run stopped before its first checkpoint) kept as "
+                      f"{set_aside_log(plan.set_aside)}", flush=True)
+        config["ckpt_path"] = plan.ckpt_path
 
 
 def run_stage(stage: str, args: list[str]) -> LightningCLI:
@@ -83,8 +111,13 @@ def run_stage(stage: str, args: list[str]) -> LightningCLI:
         # `args` is the command line (minus the stage), or what a study or the demo passes; Lightning warns
         # whenever sys.argv also holds arguments, which is always the case here.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        args, allowed = split_allow_flags(list(args))
+        check_class_paths(args, allowed)  # before jsonargparse imports anything the config names
+        # auto_configure_optimizers=False: no --optimizer / --lr_scheduler, which would replace the modules'
+        # own parameter groups (tables apart) and schedules; those are the modules' typed fields.
         return _CLI(STAGES[stage](), L.LightningDataModule, subclass_mode_data=True, args=with_safe_loading(args),
                     save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True},
+                    auto_configure_optimizers=False,
                     parser_kwargs={"prog": f"python -m train {stage}"})
 
 

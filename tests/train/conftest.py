@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from train.data.images import CorruptImageWarning, DigitsDataModule
@@ -89,3 +90,15 @@ def _read_tars(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
 def read_tars() -> Callable[[Path], dict[str, tuple[np.ndarray, int]]]:
     """`read_tars(folder)`: key -> (tokens, label) over every token-shard .tar there; a repeated key fails."""
     return _read_tars
+
+
+@pytest.fixture(scope="module")
+def digit_tokens(tok: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards of the digits val split (297 images in 3 shards, enough for 2 ranks) from `tok`."""
+    out = tmp_path_factory.mktemp("digit_tokens")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    extract_tokens(str(tok), DigitsDataModule(), str(out), split="val", views="center", shard_size=100,
+                   batch_size=100, accelerator="cpu", devices=1)
+    torch.set_num_threads(threads)
+    return out

@@ -23,8 +23,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from train.callbacks import ReconstructionGrid, pick_per_class
-from train.data.images import DigitsDataModule
-from train.prepare.extract_tokens import extract_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,19 +103,8 @@ def test_reconstruction_grid_caps_classes_and_stops_once_every_class_is_full(tmp
     assert known.labels == [0, 1] and module.model.encoded == 2
 
 
-@pytest.fixture(scope="module")
-def tokens(tok: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Token shards of the digits val split (297 images in 3 shards, enough for 2 ranks) from `tok`."""
-    out = tmp_path_factory.mktemp("ddp_tokens")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    extract_tokens(str(tok), DigitsDataModule(), str(out), split="val", views="center", shard_size=100,
-                   batch_size=100, accelerator="cpu", devices=1)
-    torch.set_num_threads(threads)
-    return out
-
-
-def test_two_rank_training_writes_metrics_export_and_samples_and_ends(tok: Path, tokens: Path, tmp_path: Path):
+def test_two_rank_training_writes_metrics_export_and_samples_and_ends(tok: Path, digit_tokens: Path, tmp_path: Path):
+    tokens = digit_tokens
     run_dir = tmp_path / "run"
     config = {
         "seed_everything": 0,
