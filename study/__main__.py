@@ -1,4 +1,4 @@
-"""`python -m study <run|report|demo|configs|budget|classifier> [--flags] [--config YAML]`: the command line
+"""`python -m study <run|report|demo|configs|budget|classifier|curve> [--flags] [--config YAML]`: the command line
 of the layer above the stages. Each subcommand is a plain typed function; the work is in the modules named
 here, never in this file."""
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from jsonargparse import auto_cli, set_parsing_settings
 
+from study.checkpoint_curve import curve
 from study.configs import budget, write_configs
 from study.demo import demo
 from study.domain_classifier import train_classifier
@@ -17,7 +18,7 @@ from study.report import build_report
 from study.runner import study
 
 COMMANDS = {"run": study, "report": build_report, "demo": demo, "configs": write_configs, "budget": budget,
-            "classifier": train_classifier}
+            "classifier": train_classifier, "curve": curve}
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -161,13 +161,15 @@ def summarize(run_dir: Path, entropy: float) -> None:
             print(f"[demo] {sentence}")
 
 
-def demo(setup: Literal["digits", "digits64"] = "digits") -> None:
+def demo(setup: Literal["digits", "digits64"] = "digits", rerun_changed: bool = False) -> None:
     """Run the whole pipeline and a study on the embedded digits (finished stages are skipped).
 
     Args:
         setup: `digits` (`make demo`: 4x4 tokens per image, one seed per run, under runs/demo) or `digits64`
             (`make demo64`: 8x8 tokens, the baseline and rho 0.5 with 3 seeds each plus the frozen-table
             and constant-gate runs, under runs/digits64).
+        rerun_changed: Redo the study's steps whose settings changed since they ran (the study runner's
+            `--rerun_changed`; their old outputs move to <run_dir>/replaced/<time>/) instead of stopping.
     """
     start = time.perf_counter()
     chosen = SETUPS[setup]
@@ -177,7 +179,8 @@ def demo(setup: Literal["digits", "digits64"] = "digits") -> None:
     tokenizer_scores = prepare_evaluation(run_dir)["metrics"]
     # the study YAML parsed exactly as `python -m study run --config` parses it
     command = "make demo" if setup == "digits" else f"python -m study demo --setup {setup}"
-    report = auto_cli(study, args=["--config", chosen.study_config, "--command", command], as_positional=False)
+    report = auto_cli(study, args=["--config", chosen.study_config, "--command", command,
+                                   f"--rerun_changed={str(rerun_changed).lower()}"], as_positional=False)
     entropy = unigram_entropy_bits(tokens / "train")
 
     m, t = vq["metrics"], tokenizer_scores

@@ -7,7 +7,8 @@ tokenizer (encode, decode, round to uint8) into `<study>/reconstructions/samples
 reconstructions against the real images (`reconstructions/metrics.json`: the floor any AR model starts
 from) and scores every run's samples against the reconstructions as well
 (`samples/<run>/metrics_vs_reconstructions.json`). Encoding and decoding are `metrics.tokenizer_eval`'s,
-scoring `metrics.evaluate`'s; when to run this is the study runner's call.
+scoring `metrics.evaluate`'s; when to run this (and whether earlier reconstructions are still valid) is
+the study runner's call.
 """
 
 from __future__ import annotations
@@ -41,25 +42,34 @@ class ReconstructionStep:
     """Where the tokenizer runs (one device): auto (a GPU when there is one), cpu, gpu/cuda or mps."""
 
 
-def reconstruct_reference(step: ReconstructionStep, images: str, out_dir: Path) -> Path:
-    """`out_dir/samples.npz` (ADM layout, uint8 [N,H,W,3] `arr_0`) of the tokenizer's reconstructions of
-    `images`, with a manifest naming both inputs and their hashes; reused when the manifest matches."""
-    from metrics.features import accelerator_device
-    from metrics.reference import data_hash, iter_image_batches, source_kind
-    from metrics.tokenizer_eval import reconstruct
-    from tokenizers_vq.checkpoint import load_tokenizer
+def reconstruction_settings(step: ReconstructionStep, images: str) -> dict[str, Any]:
+    """What the reconstructions depend on: the tokenizer and the images (paths and hashes) and the resize.
+    The study runner compares these with the ones its record of the step holds."""
+    from metrics.reference import data_hash, source_kind
 
     kind = source_kind(images)
     if kind == "npz-stats":
         raise ValueError(f"reconstructions: {images} holds only mu/sigma statistics; set `reconstructions.images` "
                          f"to the real images (ADM .npz with arr_0, an image folder or image shards)")
     weights = Path(step.tokenizer) / "model.safetensors" if Path(step.tokenizer).is_dir() else Path(step.tokenizer)
-    settings = {"tokenizer": step.tokenizer, "tokenizer_sha256": file_sha256(weights) if weights.is_file() else None,
-                "images": str(images), "images_sha256": data_hash(images, kind), "image_size": step.image_size}
+    return {"tokenizer": step.tokenizer, "tokenizer_sha256": file_sha256(weights) if weights.is_file() else None,
+            "tokenizer_size": step.tokenizer_size, "images": str(images), "images_sha256": data_hash(images, kind),
+            "image_size": step.image_size}
+
+
+def reconstruct_reference(step: ReconstructionStep, images: str, out_dir: Path,
+                          settings: dict[str, Any] | None = None) -> Path:
+    """Write `out_dir/samples.npz` (ADM layout, uint8 [N,H,W,3] `arr_0`) of the tokenizer's reconstructions
+    of `images`, then (last) a manifest naming both inputs and their hashes (`settings`, default
+    `reconstruction_settings`). Always writes: whether existing ones are still valid is the caller's call."""
+    from metrics.features import accelerator_device
+    from metrics.reference import iter_image_batches, source_kind
+    from metrics.tokenizer_eval import reconstruct
+    from tokenizers_vq.checkpoint import load_tokenizer
+
+    settings = reconstruction_settings(step, images) if settings is None else settings
+    kind = source_kind(images)
     manifest_path, samples_path = out_dir / "manifest.json", out_dir / SAMPLES_NAME
-    if samples_path.is_file() and manifest_path.is_file() and \
-            json.loads(manifest_path.read_text()).get("settings") == settings:
-        return samples_path
     device = accelerator_device(step.accelerator)
     tokenizer = load_tokenizer(step.tokenizer, step.tokenizer_size).to(device).eval()
     rebuilt = [reconstruct(tokenizer, batch, device) for batch in iter_image_batches(images, kind, step.image_size)]
@@ -76,4 +86,4 @@ def reconstruct_reference(step: ReconstructionStep, images: str, out_dir: Path) 
     return samples_path
 
 
-__all__ = ["ReconstructionStep", "reconstruct_reference"]
+__all__ = ["ReconstructionStep", "reconstruct_reference", "reconstruction_settings"]

@@ -2,7 +2,9 @@
 every finished step, and the config checks.
 
 The tokenizer is a random vq-tiny, the token shards its codes of the digits val split, and each AR model
-trains for a handful of steps: the numbers mean nothing, the plumbing is what is tested.
+trains for a handful of steps: the numbers mean nothing, the plumbing is what is tested. Stale settings,
+half-finished steps and kills are tests/study/test_runner_stale.py, test_runner_partial.py and
+test_runner_kill.py.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import yaml
 
 from engram_vision.probes import ProbeConfig
+from metrics.features import register_extractor
 from study.__main__ import main
 from study.runner import ProbeStep, SampleStep, StudyRun, study
 from tokenizers_vq import VQModel, vq_config
@@ -141,13 +144,24 @@ def test_seeds_intervals_and_the_reconstruction_reference(workspace, tmp_path, f
     """Two seeds per run: one folder per seed, different models, a summary with t intervals across seeds,
     the per-image NLL paired with the baseline, and FID against the tokenizer's reconstructions too."""
     torch.set_num_threads(1)
+
+    class TenClasses(fake_extractor):
+        """The fake extractor with a classifier over the digits' 10 classes (class accuracy checks them)."""
+
+        name = "fake-test-10"
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.w_logit = torch.randn(8, 10, generator=torch.Generator().manual_seed(2))
+
+    register_extractor(TenClasses.name, TenClasses, overwrite=True)
     real, _ = digits_split("val")
     np.savez(tmp_path / "real.npz", arr_0=real[:60])
     out = tmp_path / "seeded"
     spec = yaml.safe_load(_study_yaml(workspace, out).read_text())
     spec["seeds"] = [0, 1]
     spec["probes"]["gate_samples"] = 0
-    spec["evaluate"] = {"reference": str(tmp_path / "real.npz"), "extractor": "fake-test", "metrics": "fid,is,acc",
+    spec["evaluate"] = {"reference": str(tmp_path / "real.npz"), "extractor": "fake-test-10", "metrics": "fid,is,acc",
                         "accelerator": "cpu", "cache_dir": str(tmp_path / "cache"), "isc_splits": 2,
                         "bootstrap": 20}
     spec["reconstructions"] = {"tokenizer": str(workspace["root"] / "tokenizer"), "accelerator": "cpu"}
