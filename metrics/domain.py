@@ -33,6 +33,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from metrics.checks import check_labels
 from metrics.features import FeatureExtractor, register_extractor
 from tokenizers_vq.files import (
     CONFIG_NAME,
@@ -201,9 +202,15 @@ class DomainClassifier(nn.Module):
 def class_accuracy(classifier: DomainClassifier, images: torch.Tensor, labels: torch.Tensor,
                    batch_size: int = 512) -> float:
     """Fraction of images [N,3,H,W] (uint8 or float in [-1,1]) whose argmax class equals labels [N].
-    Runs in eval mode (batch norm uses its running statistics) and restores the classifier's mode."""
+    Runs in eval mode (batch norm uses its running statistics) and restores the classifier's mode.
+    Labels of another length or outside the classifier's classes, and NaN/inf float images, are a ValueError."""
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise ValueError(f"need as many labels as images (>0): {images.shape[0]} vs {labels.shape[0]}")
+    # A label the classifier cannot output would only lower the accuracy, silently: refuse it.
+    labels = torch.from_numpy(check_labels(labels.cpu().numpy(), images.shape[0], classifier.config.num_classes,
+                                           "class_accuracy"))
+    if images.dtype.is_floating_point and not bool(torch.isfinite(images).all()):
+        raise ValueError("class_accuracy: the images hold NaN or inf values; pass uint8 images or floats in [-1, 1]")
     was_training = classifier.training
     classifier.eval()
     correct = 0

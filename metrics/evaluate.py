@@ -3,8 +3,12 @@
 FID is our float64 `frechet_distance` on the chosen extractor's features; IS, KID and precision/recall
 are torch-fidelity's implementations (`*_featuresdict_to_metric`) fed the same features, so images go
 through the extractor once and reference features come from the `metrics.reference` cache instead of
-torch-fidelity's own registry and cache. Producing samples (`sample/`) and domain extractors
-(`metrics.domain`) are left to others. CLI: `python -m metrics evaluate --samples DIR --reference REF`.
+torch-fidelity's own registry and cache. Every input is checked before any feature is extracted
+(`metrics.inputs`): paths, formats, the reference's feature size, the labels against the classifier's
+classes. metrics.json records the settings and samples it was made from (`settings`); a rerun into an
+existing metrics.json recomputes it when they are the same and otherwise refuses, naming what differs,
+unless `overwrite` is set. Producing samples (`sample/`) and domain extractors (`metrics.domain`) are left
+to others. CLI: `python -m metrics evaluate --samples DIR --reference REF`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,16 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
 from engram_vision.stats import bootstrap_statistic
+from metrics.checks import check_labels, require_finite
 from metrics.features import accelerator_device, build_extractor
 from metrics.fid import FeatureStats
+from metrics.inputs import (
+    check_extractor_name,
+    check_previous,
+    check_source,
+    check_stats_dim,
+    probe_extractor,
+)
 from metrics.reference import data_hash, extract, iter_image_batches, load_reference, source_kind
 from tokenizers_vq.files import atomic_write_text
 
@@ -37,20 +49,33 @@ NEUTRAL_KEYS = {"inception_score_mean": "is_mean", "inception_score_std": "is_st
 def samples_source(samples: str | Path) -> tuple[Path, str]:
     """(path, kind) of the images in a sample directory: `samples.npz` first, else `images/`, else itself."""
     path = Path(samples)
+    if not path.exists() and "{" not in str(path):
+        raise FileNotFoundError(f"--samples {path} does not exist: pass the --out folder of `python -m sample` "
+                                f"(samples.npz or images/), an ADM .npz with arr_0 or an image folder")
     if path.is_dir() and (path / "samples.npz").is_file():
         return path / "samples.npz", "npz-images"
     if path.is_dir() and (path / "images").is_dir():
+        manifest = _read_manifest(path)
+        if manifest is not None and manifest.get("complete") is False:
+            raise ValueError(f"--samples {path}: sampling has not finished (manifest.json: complete false, no "
+                             f"samples.npz); rerun the same `python -m sample` command to finish it first")
         return path / "images", "folder"
-    kind = source_kind(path)
+    kind = source_kind(path, "--samples")
     if kind not in ("npz-images", "folder", "shards"):
-        raise ValueError(f"samples {path} hold no images (kind {kind})")
+        raise ValueError(f"--samples {path} hold no images but {kind} (mu/sigma statistics): pass the samples")
     return path, kind
 
 
 def _read_manifest(samples: str | Path) -> dict[str, Any] | None:
     path = Path(samples)
     manifest = (path if path.is_dir() else path.parent) / "manifest.json"
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{manifest} is not valid JSON ({error}): rerun `python -m sample` into an empty folder, "
+                         f"or delete the file to score the images without their provenance") from error
 
 
 def _finite(value: float) -> float | None:
@@ -63,7 +88,7 @@ def _sample_labels(path: Path, kind: str) -> np.ndarray | None:
     if not str(path).endswith(".npz"):
         return None
     with np.load(path, allow_pickle=False) as data:
-        return data["labels"].astype(np.int64) if "labels" in data.files else None
+        return data["labels"] if "labels" in data.files else None  # checked against the images by the caller
 
 
 def _metric_names(metrics: str) -> list[str]:
@@ -112,6 +137,9 @@ class EvaluateConfig:
     """Confidence level of the bootstrap intervals."""
     seed: int = 0
     """Seeds the bootstrap resampling."""
+    overwrite: bool = False
+    """Replace an existing metrics.json at `out` made with other settings or other samples (default: refuse,
+    naming what differs; one made with the same settings is always recomputed)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(_metric_names(self.metrics)) - set(ALL_METRICS))
@@ -148,26 +176,63 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+def _out_path(config: EvaluateConfig, sample_path: Path) -> Path:
+    if config.out:
+        return Path(config.out)
+    samples = Path(str(config.samples))
+    return (samples if samples.is_dir() else sample_path.parent) / "metrics.json"
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Compute `config.metrics` of `config.samples` vs `config.reference`; write and return the
-    metrics.json content."""
+    metrics.json content. Every input is checked first (see the module docstring)."""
     if config.samples is None:
         raise ValueError("EvaluateConfig.samples is not set: name the sample directory to score")
-    samples, reference, weights, out = config.samples, config.reference, config.weights, config.out
+    samples, reference, weights = config.samples, config.reference, config.weights
     wanted = _metric_names(config.metrics)
+    # Cheap checks first: names, paths and file headers; nothing is decoded yet.
+    check_extractor_name(config.extractor)
+    sample_path, sample_kind = samples_source(samples)
+    sample_info = check_source(sample_path, sample_kind, "--samples")
+    if sample_info.count is not None and sample_info.count < 2:
+        raise ValueError(f"--samples {sample_path} holds {sample_info.count} image(s); the metrics need at least 2")
+    ref_kind = source_kind(reference, "--reference")
+    ref_info = check_source(reference, ref_kind, "--reference")
+    out_path = _out_path(config, sample_path)
+    # Then the extractor, and what it gives against the reference and the labels.
     fx = build_extractor(config.extractor, weights=weights, device=accelerator_device(config.accelerator),
                          batch_size=config.batch_size)
+    feature_dim, num_classes = probe_extractor(fx, sample_info.image_shape)
+    check_stats_dim(ref_info, reference, feature_dim, config.extractor)
+    labels = _sample_labels(sample_path, sample_kind) if "acc" in wanted else None
+    if labels is not None:
+        labels = check_labels(labels, sample_info.count or 0, num_classes, f"--samples {sample_path} (labels)")
+    # Then whether a previous result would be replaced.
+    sample_digest, ref_digest = data_hash(sample_path, sample_kind), data_hash(reference, ref_kind)
+    settings = {"samples": str(sample_path.resolve()), "samples_sha256": sample_digest,
+                "reference": str(Path(reference).resolve()) if "{" not in reference else reference,
+                "reference_sha256": ref_digest, "extractor": fx.name, "extractor_weights_sha256": fx.weights_sha256,
+                "metrics": sorted(wanted), "image_size": config.image_size,
+                "kid_subset_size": config.kid_subset_size, "isc_splits": config.isc_splits,
+                "bootstrap": config.bootstrap, "level": config.level, "seed": config.seed}
+    note = check_previous(out_path, settings, config.overwrite)
+    if note:
+        print(note)
 
-    sample_path, sample_kind = samples_source(samples)
+    ref = load_reference(reference, fx, cache_dir=config.cache_dir, image_size=config.image_size, digest=ref_digest)
     sample_feats, sample_logits = extract(fx, iter_image_batches(sample_path, sample_kind))
-    ref = load_reference(reference, fx, cache_dir=config.cache_dir, image_size=config.image_size)
+    what = f"the {config.extractor} features of --samples {sample_path}"
+    require_finite(sample_feats, what, "check the extractor's weights and the images")
+    require_finite(sample_logits, f"the {config.extractor} logits of --samples {sample_path}",
+                   "check the extractor's weights and the images")
+    sample_stats = FeatureStats.from_features(sample_feats, f"--samples {sample_path}")
 
     values: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
     # torch-fidelity reads unset kwargs from its DEFAULTS; verbose off keeps stdout for our summary.
     tf_kwargs: dict[str, Any] = {"verbose": False, "isc_splits": config.isc_splits}
     if "fid" in wanted:
-        values["fid"] = _finite(FeatureStats.from_features(sample_feats).fid(ref.stats))
+        values["fid"] = _finite(sample_stats.fid(ref.stats))
     if "is" in wanted:
         isc = isc_featuresdict_to_metric({"logits": torch.from_numpy(sample_logits)}, "logits", **tf_kwargs)
         values.update({NEUTRAL_KEYS.get(k, k): _finite(v) for k, v in isc.items()})
@@ -186,7 +251,6 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             res = prc_featuresdict_to_metric(f1, f2, "f", **tf_kwargs)
         values.update({NEUTRAL_KEYS.get(k, k): _finite(v) for k, v in res.items()})
 
-    labels = _sample_labels(sample_path, sample_kind) if "acc" in wanted else None
     if "acc" in wanted:
         if labels is None:
             skipped["acc"] = "the samples carry no labels (samples.npz without `labels`)"
@@ -196,6 +260,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     intervals = _bootstrap_intervals(config, values, sample_feats, sample_logits, labels, ref.stats, tf_kwargs)
 
     report = {
+        "settings": settings,
         "metrics": values,
         "intervals": intervals,
         "skipped": skipped,
@@ -212,13 +277,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         },
         "samples": {
             "path": str(sample_path.resolve()),
-            "sha256": data_hash(sample_path, sample_kind),
+            "sha256": sample_digest,
             "num_samples": int(len(sample_feats)),
             "manifest": _read_manifest(samples),
         },
     }
     if ref.kind == "npz-stats":
         report["reference"]["note"] = "mu/sigma-only reference: FID only among the reference-based metrics"
-    out_path = Path(out) if out else (Path(samples) if Path(samples).is_dir() else sample_path.parent) / "metrics.json"
     atomic_write_text(out_path, json.dumps(report, indent=2) + "\n")
     return report

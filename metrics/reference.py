@@ -9,7 +9,10 @@ Sources, picked by what `source` is:
 Image sources are cached at `<cache_dir>/<name>-<data_hash[:12]>-<extractor>-<weights_hash[:12]>.npz` with
 `mu`, `sigma`, `num_samples` and `features`. The data hash is sha256 of the file bytes for `.npz`, and
 sha256 over "relative name<TAB>size" lines of the sorted files for folders and shards (cheap; a file edited
-in place with the same size is not noticed). Metric formulas live in `metrics.fid` / `metrics.evaluate`.
+in place with the same size is not noticed). A cache file that cannot be read or holds malformed or
+non-finite statistics is computed again (with a warning naming it), and the temporary file of a run killed
+while writing the cache is removed first. An image that cannot be decoded is an error naming the file.
+Metric formulas live in `metrics.fid` / `metrics.evaluate`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +31,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
+from metrics.checks import check_stats, require_finite
 from metrics.features import FeatureExtractor
 from metrics.fid import FeatureStats
-from tokenizers_vq.files import file_sha256
+from tokenizers_vq.files import file_sha256, remove_stale_temps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHUNK = 256  # images decoded per extractor call: bounds memory for 50k-image references
@@ -79,32 +85,57 @@ def shard_files(source: str) -> list[Path]:
     return files
 
 
-def source_kind(source: str | Path) -> str:
-    """Which loader applies to `source` (see the module docstring)."""
+SOURCE_FORMS = "an ADM .npz (mu/sigma or arr_0 images), an image folder or webdataset shards"
+
+
+def npz_keys(path: str | Path, what: str = "reference") -> list[str]:
+    """The arrays an `.npz` holds; a ValueError naming the file when it is no readable zip archive."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{what} {path} is not a readable .npz ({type(error).__name__}: {error}); it is cut "
+                         f"short or another format: write it again") from error
+
+
+def source_kind(source: str | Path, what: str = "reference") -> str:
+    """Which loader applies to `source` (see the module docstring); `what` names it in errors."""
     path = Path(source)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise FileNotFoundError(f"reference {path} does not exist")
-        with np.load(path, allow_pickle=False) as data:
-            if "arr_0" in data.files:
-                return "npz-images"
-            if "mu" in data.files and "sigma" in data.files:
-                return "npz-stats"
-            raise KeyError(f"{path}: expected 'arr_0' (images) or 'mu'+'sigma' (stats), found {data.files}")
+            raise FileNotFoundError(f"{what} {path} does not exist: pass {SOURCE_FORMS}")
+        files = npz_keys(path, what)
+        if "arr_0" in files:
+            return "npz-images"
+        if "mu" in files and "sigma" in files:
+            return "npz-stats"
+        raise KeyError(f"{path}: expected 'arr_0' (images) or 'mu'+'sigma' (stats), found {files}")
     if path.is_dir():
         if image_files(path):
             return "folder"
         if list(path.glob("*.tar")):
             return "shards"
-        raise FileNotFoundError(f"{path} holds no PNG/JPEG images and no .tar shards")
+        raise FileNotFoundError(f"{what} {path} holds no PNG/JPEG images and no .tar shards: pass {SOURCE_FORMS}")
     if ".tar" in str(source):
         return "shards"
-    raise FileNotFoundError(f"reference {source} is not an .npz, an image folder or webdataset shards")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {source} does not exist: pass {SOURCE_FORMS}")
+    raise FileNotFoundError(f"{what} {source} is not an .npz, an image folder or webdataset shards")
 
 
-def _decode(data: bytes | torch.Tensor, image_size: int | None) -> torch.Tensor:
+UNREADABLE_FIX = ("delete it; if it is a sample (<out>/images/NNNNNN.png), rerun the same `python -m sample` "
+                  "command, which samples missing images again; if it is a reference image, replace it")
+
+
+def _decode(data: bytes | torch.Tensor, image_size: int | None, name: str = "image") -> torch.Tensor:
+    """uint8 [3,H,W] of one encoded image; `name` (its file) is in the error when it cannot be decoded."""
     raw = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    img = decode_image(raw, mode=ImageReadMode.RGB)
+    if raw.numel() == 0:
+        raise ValueError(f"{name} is empty (0 bytes): {UNREADABLE_FIX}")
+    try:
+        img = decode_image(raw, mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ValueError(f"{name} is not a readable image ({error}): {UNREADABLE_FIX}") from error
     return _decode_resize(img, image_size) if image_size is not None else img
 
 
@@ -143,7 +174,7 @@ def iter_image_batches(source: str | Path, kind: str, image_size: int | None = N
             images = torch.stack([_decode_resize(im, image_size) for im in images])
         yield from images.split(_CHUNK)
     elif kind == "folder":
-        yield from _batches(_decode(f.read_bytes(), image_size) for f in image_files(source))
+        yield from _batches(_decode(f.read_bytes(), image_size, str(f)) for f in image_files(source))
     elif kind == "shards":
         yield from _batches(_shard_images(shard_files(str(source)), image_size))
     else:
@@ -160,7 +191,8 @@ def _shard_images(shards: list[Path], image_size: int | None) -> Iterator[torch.
         with tarfile.open(shard) as tar:
             for member in tar:
                 if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    yield _decode(tar.extractfile(member).read(), image_size)  # type: ignore[union-attr]
+                    yield _decode(tar.extractfile(member).read(), image_size,  # type: ignore[union-attr]
+                                  f"{shard}:{member.name}")
 
 
 def extract(extractor: FeatureExtractor, batches: Iterator[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,22 +218,54 @@ def data_hash(source: str | Path, kind: str) -> str:
 
 
 def load_reference(source: str | Path, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
-                   name: str | None = None, image_size: int | None = None) -> Reference:
-    """Reference stats for `source` under `extractor`, computed once and then read from the cache."""
+                   name: str | None = None, image_size: int | None = None, digest: str | None = None) -> Reference:
+    """Reference stats for `source` under `extractor`, computed once and then read from the cache.
+
+    digest: `data_hash(source)` when the caller has it already (hashing a large .npz takes seconds)."""
     source = str(source)
     kind = source_kind(source)
-    digest = data_hash(source, kind)
+    digest = digest or data_hash(source, kind)
     if kind == "npz-stats":
         return Reference(FeatureStats.load_npz(source), None, source, kind, digest)
+    cache_path = reference_cache_path(source, extractor, digest, cache_dir, name, image_size)
+    if cache_path.is_file():
+        try:
+            stats, features = _read_cache(cache_path)
+            stats.source = f"reference {source} (cached in {cache_path})"
+            return Reference(stats, features, source, kind, digest, cache_path)
+        except (ValueError, KeyError) as error:
+            warnings.warn(f"reference statistics cache {cache_path} is unusable ({error}); computing it again",
+                          stacklevel=2)
+    # A run killed while writing the cache left its temporary file; nothing else writes this cache now.
+    remove_stale_temps(cache_path)
+    features, _ = extract(extractor, iter_image_batches(source, kind, image_size))
+    stats = FeatureStats.from_features(features, f"reference {source}")
+    stats.save_npz(cache_path, features=features)
+    stats.source = f"reference {source}"
+    return Reference(stats, features, source, kind, digest, cache_path)
+
+
+def reference_cache_path(source: str, extractor: FeatureExtractor, digest: str, cache_dir: str | Path | None = None,
+                         name: str | None = None, image_size: int | None = None) -> Path:
+    """Where `load_reference` caches the statistics of `source` (data hash `digest`) under `extractor`."""
     name = name or Path(source.split("{")[0].rstrip("/")).stem or "reference"
     size_tag = f"-{image_size}px" if image_size is not None else ""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_path = cache / f"{name}{size_tag}-{digest[:12]}-{extractor.name}-{extractor.weights_sha256[:12]}.npz"
-    if cache_path.is_file():
-        with np.load(cache_path, allow_pickle=False) as data:
-            features = data["features"] if "features" in data.files else None
-        return Reference(FeatureStats.load_npz(cache_path), features, source, kind, digest, cache_path)
-    features, _ = extract(extractor, iter_image_batches(source, kind, image_size))
-    stats = FeatureStats.from_features(features)
-    stats.save_npz(cache_path, features=features)
-    return Reference(stats, features, source, kind, digest, cache_path)
+    return cache / f"{name}{size_tag}-{digest[:12]}-{extractor.name}-{extractor.weights_sha256[:12]}.npz"
+
+
+def _read_cache(path: Path) -> tuple[FeatureStats, np.ndarray]:
+    """(stats, features [N,D]) of a cache file, or a ValueError/KeyError saying what is wrong with it."""
+    stats = FeatureStats.load_npz(path)  # unreadable, truncated or non-finite mu/sigma: ValueError
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "features" not in data.files:
+                raise KeyError(f"{path} has no 'features'")
+            features = data["features"]
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: {error}") from error
+    if features.ndim != 2 or features.shape[1] != stats.mu.size:
+        raise ValueError(f"features {features.shape} do not match mu {stats.mu.shape}")
+    require_finite(features, f"the features in {path}")
+    check_stats(stats.mu, stats.sigma, f"the statistics in {path}")
+    return stats, features

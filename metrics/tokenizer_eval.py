@@ -7,6 +7,8 @@ and rFID (FID of the reconstructions against the originals, in a chosen extracto
 LlamaGen reports rFID against the ImageNet val centre crops (`--image_size 256` on the val folder).
 Images come from an ADM `.npz` (`arr_0`), a folder or image shards (metrics.reference); PSNR and SSIM are
 torchmetrics' on [0,1] pixels of the saved (uint8) reconstructions; writing metrics.json is atomic.
+Every input (the tokenizer and its weights file, the images, the extractor name) is checked before the
+tokenizer runs; the report records the tokenizer's weights hash (ours, diffusers' or a LlamaGen `.pt`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from metrics.features import accelerator_device, build_extractor
 from metrics.fid import FeatureStats
+from metrics.inputs import check_extractor_name, check_source
 from metrics.reference import data_hash, extract, iter_image_batches, source_kind
 from tokenizers_vq.checkpoint import load_tokenizer
-from tokenizers_vq.files import atomic_write_text
+from tokenizers_vq.diffusers_backend import tokenizer_weights_file
+from tokenizers_vq.files import atomic_write_text, file_sha256
 
 
 @torch.no_grad()
@@ -49,10 +53,15 @@ def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-
         image_size: resize and centre-crop folder/shard images to this size (the tokenizer's input size).
         accelerator: where it runs (one device): cpu, gpu/cuda, mps, or auto (a GPU when there is one).
     """
+    check_extractor_name(extractor)
+    weights_file = tokenizer_weights_file(tokenizer)  # a missing tokenizer or weights file is named here
+    kind = source_kind(images, "--images")
+    if kind == "npz-stats":
+        raise ValueError(f"--images {images} holds mu/sigma statistics, not images: pass the real images")
+    check_source(images, kind, "--images")
     device = accelerator_device(accelerator)
     vq = load_tokenizer(tokenizer, tokenizer_size).to(device).eval()
     fx = build_extractor(extractor, weights=weights, device=device)
-    kind = source_kind(images)
     originals, recons = [], []
     psnr_sum = ssim_sum = 0.0
     for batch in iter_image_batches(images, kind, image_size):
@@ -71,9 +80,10 @@ def evaluate_tokenizer(tokenizer: str, images: str, extractor: str = "inception-
     fake_features, _ = extract(fx, iter(recons))
     report = {
         "metrics": {"psnr": psnr_sum / count, "ssim": ssim_sum / count,
-                    "rfid": FeatureStats.from_features(fake_features).fid(FeatureStats.from_features(real_features))},
+                    "rfid": FeatureStats.from_features(fake_features, "the reconstructions").fid(
+                        FeatureStats.from_features(real_features, f"--images {images}"))},
         "num_images": count,
-        "tokenizer": {"path": str(tokenizer)},
+        "tokenizer": {"path": str(tokenizer), "weights": str(weights_file), "sha256": file_sha256(weights_file)},
         "images": {"path": str(images), "kind": kind, "sha256": data_hash(images, kind), "image_size": image_size},
         "extractor": {"name": fx.name, "weights_sha256": fx.weights_sha256,
                       # what the features are (for a domain classifier: the data it learnt, its accuracy)

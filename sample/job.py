@@ -9,8 +9,10 @@ sampler settings, seed, label scheme). It runs through Lightning's predict loop 
 rerunning after an interruption samples only the missing batches; a rerun with other settings is refused.
 Every file is written atomically (a temporary file beside it, then a rename; a rerun removes the temporary
 files of a killed run), so a kill or a full disk never leaves a half-written PNG under its final name.
-Before the manifest or any image is written, `check_tokenizer_fits` compares the tokenizer's codebook with
-the model's vocabulary, naming the flags to change.
+Before the manifest or any image is written, `sample.inputs` checks every argument (paths, counts, the
+--out folder) and the loaded pair (the tokenizer's codebook against the model's vocabulary, a null label for
+guidance), naming the flags to change. A resume also samples again a PNG that is empty or cut short; one
+damaged inside is named when samples.npz is assembled, to be deleted and sampled again.
 Token generation is `sample/generate.py`; scoring the images is `python -m metrics evaluate`.
 """
 
@@ -20,19 +22,27 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision.io import decode_png, encode_png
+from torchvision.io import encode_png
 
 from engram_vision.checkpoint import load_any_gpt
-from engram_vision.config import ModelConfig
 from sample.generate import generate
+from sample.inputs import (
+    CLI_TOKENIZER_FIX,
+    check_arguments,
+    check_model_fits,
+    check_tokenizer_fits,
+    png_is_whole,
+    read_sample_pngs,
+)
 from sample.sampling import SamplingConfig
 from tokenizers_vq.checkpoint import load_tokenizer
+from tokenizers_vq.diffusers_backend import tokenizer_weights_file
 from tokenizers_vq.files import (
     TEMP_SUFFIX,
     WEIGHTS_NAME,
@@ -44,6 +54,9 @@ from tokenizers_vq.files import (
 )
 
 LabelScheme = Literal["uniform", "balanced"]
+# Re-exported: the training callback checks its tokenizer with the same function.
+__all__ = ["CLI_TOKENIZER_FIX", "check_tokenizer_fits", "sample_images", "SamplePlan", "plan_labels",
+           "batch_seed", "image_path"]
 
 
 def image_path(out: Path, index: int) -> Path:
@@ -87,34 +100,13 @@ class SamplePlan:
         return range(start, min(start + self.batch_size, self.num_samples))
 
     def pending(self, out: Path, rank: int = 0, world_size: int = 1) -> list[int]:
-        """This rank's batches (k % world_size == rank) with at least one image missing on disk."""
+        """This rank's batches (k % world_size == rank) with at least one image missing on disk; an empty
+        or cut PNG (`png_is_whole`) counts as missing, so the rerun writes it again."""
         return [k for k in range(rank, self.num_batches, world_size)
-                if not all(image_path(out, i).is_file() for i in self.indices(k))]
+                if not all(png_is_whole(image_path(out, i)) for i in self.indices(k))]
 
 
-CLI_TOKENIZER_FIX = ("pass the tokenizer whose codes the model was trained on (the token shards' meta.json names "
-                     "it) or the model trained on this tokenizer's codes; a LlamaGen .pt is read with the config "
-                     "named by --tokenizer_size / --model_size")
-
-
-def check_tokenizer_fits(config: ModelConfig, tokenizer: torch.nn.Module, model: str = "--model",
-                         tokenizer_name: str = "--tokenizer", fix: str = CLI_TOKENIZER_FIX) -> None:
-    """Raise a ValueError when `tokenizer` cannot be the one whose codes a model of `config` predicts.
-
-    The tokenizer's codebook must be exactly the model's vocabulary: a model of vocab_size V was trained on
-    the codes of a V-entry codebook, and another tokenizer decodes its tokens into other images (a larger
-    one without any error). The grid needs no check here: the tokenizers are convolutional and decode the
-    model's grid (`config.token_grid`) at grid x downsample factor pixels. `model`, `tokenizer_name` and
-    `fix` say in the message what to change (the flags of `python -m sample`, or a training callback's
-    YAML key).
-    """
-    codebook, vocab = int(tokenizer.codebook_size), int(config.vocab_size)
-    if codebook != vocab:
-        raise ValueError(f"{tokenizer_name} has a codebook of {codebook} codes but {model} predicts "
-                         f"vocab_size={vocab} tokens: {fix}")
-
-
-def _weights_hash(path: Path) -> str:
+def _model_hash(path: Path) -> str:
     return file_sha256(path / WEIGHTS_NAME if path.is_dir() else path)
 
 
@@ -185,18 +177,21 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
             first batch, which pays the compile. A last batch of another size compiles once more.
     """
     out_dir = Path(out)
+    # Everything is checked before the manifest, the images and the Trainer: first what needs no model...
+    previous = check_arguments(model, tokenizer, out, num_samples, batch_size, labels, get_args(LabelScheme))
+    tokenizer_weights = tokenizer_weights_file(tokenizer)
     gpt = load_any_gpt(model, model_size)
     vq = load_tokenizer(tokenizer, tokenizer_size)
-    # Before the manifest, the images and the Trainer: a tokenizer of another codebook fails here.
-    check_tokenizer_fits(gpt.config, vq, model=f"--model {model}", tokenizer_name=f"--tokenizer {tokenizer}")
+    # ...then the pair: a tokenizer of another codebook, or guidance without a null label, fails here.
+    check_model_fits(gpt.config, vq, sampling, gpt.cls_embedding.has_null, compile, model=f"--model {model}",
+                     tokenizer_name=f"--tokenizer {tokenizer}")
     plan = SamplePlan(num_samples, batch_size)
-    settings = {"model": str(model), "model_sha256": _weights_hash(Path(model)), "tokenizer": str(tokenizer),
-                "tokenizer_sha256": _weights_hash(Path(tokenizer)), "num_samples": num_samples,
+    settings = {"model": str(model), "model_sha256": _model_hash(Path(model)), "tokenizer": str(tokenizer),
+                "tokenizer_sha256": file_sha256(tokenizer_weights), "num_samples": num_samples,
                 "label_scheme": labels, "seed": seed, "batch_size": batch_size, "sampling": asdict(sampling),
                 "num_classes": gpt.config.num_classes, "grid": list(gpt.config.token_grid)}
     manifest_path = out_dir / "manifest.json"
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
+    if previous is not None:
         changed = sorted(k for k, v in settings.items() if previous.get(k) != v)
         if changed:
             raise ValueError(f"{out_dir} holds samples made with other settings ({', '.join(changed)}); "
@@ -213,8 +208,8 @@ def sample_images(model: str, tokenizer: str, out: str, num_samples: int = 50_00
         return {}
     for name in ("samples.npz", "manifest.json"):  # leftovers of a run killed while writing them
         remove_stale_temps(out_dir / name)
-    pixels = np.stack([decode_png(torch.frombuffer(bytearray(image_path(out_dir, i).read_bytes()), dtype=torch.uint8))
-                       .permute(1, 2, 0).numpy() for i in range(num_samples)])
+    pixels = read_sample_pngs([image_path(out_dir, i) for i in range(num_samples)])  # names unreadable ones
+
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a bare name
             np.savez(handle, arr_0=pixels, labels=label_plan.numpy().astype(np.int64))

@@ -5,6 +5,10 @@
 `codes` int64 [B,h,w] and `decode(codes)` -> `images` [B,3,H,W], plus `codebook_size` and
 `downsample_factor`. Inference only: the wrapped model stays in eval mode with gradients off.
 
+`tokenizer_weights_file(path)` names the file whose SHA-256 identifies any tokenizer path (ours, a diffusers
+folder or a LlamaGen `.pt`) in manifests and metrics.json; diffusers is imported only when a model is
+loaded, so that helper costs nothing.
+
 Left to others: training and our own LlamaGen-compatible VQ-GAN (`tokenizers_vq.model`), image loading and
 normalisation to [-1,1] (`train/data.py`), token shards (`train/prepare/extract_tokens.py`).
 """
@@ -13,12 +17,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import VQModel
 from torch import Tensor, nn
 
+from tokenizers_vq.files import WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    from diffusers import VQModel
+
 CONFIG_NAME = "config.json"
+# What `save_pretrained` writes (safetensors by default, the pickle-free format; .bin only on request).
+DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TOKENIZER_WEIGHT_NAMES = (WEIGHTS_NAME, *DIFFUSERS_WEIGHT_NAMES)
+
+
+def tokenizer_weights_file(path: str | Path) -> Path:
+    """The weights file of a tokenizer path: the file itself (a LlamaGen `.pt`), else the folder's
+    `model.safetensors` (ours) or `diffusion_pytorch_model.safetensors` / `.bin` (diffusers).
+
+    FileNotFoundError naming the folder and the names looked for when there is none.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in TOKENIZER_WEIGHT_NAMES:
+        if (path / name).is_file():
+            return path / name
+    what = "folder" if path.is_dir() else "path (it does not exist)"
+    raise FileNotFoundError(f"tokenizer {what} {path} has no weights file ({', '.join(TOKENIZER_WEIGHT_NAMES)}): "
+                            f"pass our tokenizer folder, a diffusers VQModel.save_pretrained folder or a "
+                            f"LlamaGen VQ .pt")
 
 
 class DiffusersVQTokenizer(nn.Module):
@@ -29,6 +59,8 @@ class DiffusersVQTokenizer(nn.Module):
 
     def __init__(self, model: VQModel) -> None:
         super().__init__()
+        from diffusers import VQModel  # a heavy import, only where a diffusers model is used
+
         if not isinstance(model, VQModel):
             raise ValueError(f"expected a diffusers VQModel, got {type(model).__name__}")
         self.model = model.eval().requires_grad_(False)
@@ -36,6 +68,8 @@ class DiffusersVQTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None) -> DiffusersVQTokenizer:
         """Load `VQModel.save_pretrained` output from `path` (or `path/subfolder`), never from the Hub."""
+        from diffusers import VQModel
+
         directory = Path(path) / subfolder if subfolder else Path(path)
         config_file = directory / CONFIG_NAME
         if not directory.is_dir():
