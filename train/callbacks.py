@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -23,6 +24,7 @@ from sample.sampling import SamplingConfig
 from tokenizers_vq.checkpoint import load_tokenizer, save_vq
 from tokenizers_vq.files import atomic_write, atomic_write_text
 from train.lit_ar import check_token_data
+from train.strategies import unsharded_model
 
 
 class RunDirCallback(L.Callback):
@@ -159,13 +161,20 @@ class MetricsJson(RunDirCallback):
         # After validation the epoch's logged metrics have been reduced into callback_metrics.
         metrics = {k.removeprefix(self.prefix): float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith(self.prefix)}
+        path = _log_dir(self) / "metrics.json"
+        if not metrics and path.is_file():
+            # A resume with nothing left to train (stopped after its last checkpoint) validates nothing: the
+            # earlier file's values, at the same step, are still this run's; keep them rather than erase them.
+            earlier = json.loads(path.read_text())
+            if earlier.get("global_step") == trainer.global_step:
+                metrics = earlier.get("metrics", {})
         report = {"metrics": metrics, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
                   "model": type(pl_module).__name__}
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.monitor and checkpoint.best_model_score is not None:
             report["best"] = {"monitor": checkpoint.monitor, "value": float(checkpoint.best_model_score),
                               "checkpoint": str(checkpoint.best_model_path)}
-        atomic_write_text(_log_dir(self) / "metrics.json", json.dumps(report, indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True))
 
 
 class ExportModel(RunDirCallback):
@@ -181,10 +190,18 @@ class ExportModel(RunDirCallback):
         self.dirname = dirname
         self.use_best = use_best
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.use_best and getattr(trainer.strategy, "_state_dict_type", None) == "sharded":
+            raise ValueError("ExportModel(use_best=True) reads the best checkpoint as one file, but the FSDP "
+                             "strategy saves sharded checkpoints (folders): set the strategy's "
+                             "init_args.state_dict_type: full, or use_best: false")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Under FSDP the weights are spread over the ranks: every rank joins their gather.
+        model = unsharded_model(trainer, pl_module.model)
         if not trainer.is_global_zero:
             return
-        model = pl_module.model
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.use_best and best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -257,22 +274,36 @@ class SampleGrid(RunDirCallback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and trainer.is_global_zero:
-            self.save_grid(trainer, pl_module)
+        if trainer.global_step % self.every_n_steps == 0:
+            self._try_grid(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.save_grid(trainer, pl_module)
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # At fit end, not train end: Lightning calls on_train_end of every callback before any on_fit_end,
+        # where ExportModel writes the model, so the final grid comes after an export listed before it.
+        self._try_grid(trainer, pl_module)
+
+    def _try_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A grid is a picture of progress, not a result: one that fails (out of memory, a broken tokenizer
+        file) is reported and training, checkpoints and the export go on. Every rank calls this: under FSDP
+        a forward pass needs all ranks, so the weights are first gathered into one copy on rank 0."""
+        model = unsharded_model(trainer, pl_module.model)
+        if not trainer.is_global_zero:
+            return
+        try:
+            self.save_grid(trainer, model.to(pl_module.device))
+        except Exception as error:  # noqa: BLE001 - any failure of an optional picture
+            rank_zero_warn(f"SampleGrid could not save the grid at step {trainer.global_step}: "
+                           f"{type(error).__name__}: {error}; training, checkpoints and the model export are "
+                           f"not affected")
 
     @torch.no_grad()
-    def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def save_grid(self, trainer: L.Trainer, model: EngramGPT) -> None:
+        """Sample the grid with `model` (the module's, or its gathered copy) and save it."""
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_path)
-        model = pl_module.model
         was_training = model.training
         model.eval()
-        device = pl_module.device
+        device = next(model.parameters()).device
         labels = self.grid_labels(model.config.num_classes).to(device)
         rng = torch.Generator(device).manual_seed(self.seed)
         tokens = generate(model, labels, self.sampling, rng)
