@@ -1,5 +1,5 @@
 """A training command never loses or silently spoils work: inputs of callbacks are checked before step 0,
-a failing grid never costs the export, a rerun resumes (or refuses) instead of starting over on top of an
+a failing grid never costs the export, periodic checkpoints follow their retention policy, a rerun resumes (or refuses) instead of starting over on top of an
 earlier run, logs survive a resume, and the optimizer cannot be swapped behind the modules' back.
 
 Runs go through `train.cli.run_stage` in this process (the command line without the subprocess) on a tiny
@@ -18,6 +18,7 @@ import yaml
 
 import train.callbacks
 from train.cli import run_stage
+from train.periodic_checkpoint import PeriodicCheckpoint, kept_steps
 
 
 def _config(run_dir: Path, tokens: Path, tok: Path | str, max_steps: int = 2, callbacks: list | None = None,
@@ -165,3 +166,28 @@ def test_a_resumed_run_with_dropout_has_the_losses_of_an_uninterrupted_one(
     _fit(tmp_path, _config(split, digit_tokens, tok, max_steps=6, callbacks=callbacks), name="split.yaml")
     assert list(_losses(split)) == list(range(6))
     assert _losses(split) == _losses(whole)
+
+
+def test_kept_steps_are_the_newest_k_and_every_nth_multiple():
+    assert kept_steps([2, 4, 6, 8, 10, 12], every_n_steps=2, keep_last=2, keep_every_nth=3) == {6, 10, 12}
+    assert kept_steps([5, 10, 15, 17], every_n_steps=5, keep_last=1, keep_every_nth=None) == {17}
+    assert kept_steps([5, 10, 15, 20], every_n_steps=5, keep_last=3, keep_every_nth=2) == {10, 15, 20}
+
+
+@pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"keep_last": 0}, {"keep_every_nth": 0}])
+def test_bad_settings_are_refused(bad: dict):
+    with pytest.raises(ValueError, match="PeriodicCheckpoint: need every_n_steps >= 1"):
+        PeriodicCheckpoint(**bad)
+
+
+def test_a_run_keeps_the_policy_files_and_a_final_checkpoint(tmp_path: Path, digit_tokens: Path, tok: Path):
+    run_dir = tmp_path / "run"
+    callbacks = [{"class_path": "train.periodic_checkpoint.PeriodicCheckpoint",
+                  "init_args": {"every_n_steps": 2, "keep_last": 2, "keep_every_nth": 2}}]
+    _fit(tmp_path, _config(run_dir, digit_tokens, tok, max_steps=9, callbacks=callbacks))
+    folder = run_dir / "checkpoints"
+    # saved at 2, 4, 6, 8 and the end (9); kept: the newest two (8, 9) and the multiples of 2 x 2 (4, 8)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_0000004.ckpt", "step_0000008.ckpt",
+                                                        "step_0000009.ckpt"]
+    steps = {p.name: torch.load(p, map_location="cpu", weights_only=True)["global_step"] for p in folder.iterdir()}
+    assert steps == {"last.ckpt": 9, "step_0000004.ckpt": 4, "step_0000008.ckpt": 8, "step_0000009.ckpt": 9}
