@@ -187,6 +187,11 @@ def _decode_resize(img: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def _shard_images(shards: list[Path], image_size: int | None) -> Iterator[torch.Tensor]:
+    from train.data.shard_integrity import check_shard_files, summary_records
+
+    urls = [str(shard) for shard in shards]
+    # a truncated copy of a reference shard must not become a reference of fewer images
+    check_shard_files(urls, summary_records(urls), ("jpg", "cls"), "images")
     for shard in shards:
         with tarfile.open(shard) as tar:
             for member in tar:

@@ -137,14 +137,13 @@ def _classes(spec: str, kind: str) -> list[str] | None:
         except FileNotFoundError as error:
             raise ValueError(f"{spec} has no class sub-folders: an ImageFolder tree holds one folder of images "
                              f"per class ({error})") from error
-    from train.data.image_shards import is_local_url, shard_urls
+    from train.data.image_shards import is_local_url, read_classes, shard_urls
 
     first = shard_urls(spec)[0]
     path = Path(first).parent / "classes.json" if is_local_url(first) else None
     if path is None or not path.is_file():
         return None
-    names = json.loads(path.read_text())
-    return [names[key] for key in sorted(names, key=int)]
+    return read_classes(path)  # refuses a class named twice
 
 
 def _views(spec: str, kind: str, load_size: int | None, resize: bool) -> tuple[Any, Any]:

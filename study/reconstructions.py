@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenizers_vq.diffusers_backend import tokenizer_weights_file
 from tokenizers_vq.files import atomic_write, atomic_write_text, file_sha256
 
 SAMPLES_NAME = "samples.npz"
@@ -51,8 +52,8 @@ def reconstruction_settings(step: ReconstructionStep, images: str) -> dict[str, 
     if kind == "npz-stats":
         raise ValueError(f"reconstructions: {images} holds only mu/sigma statistics; set `reconstructions.images` "
                          f"to the real images (ADM .npz with arr_0, an image folder or image shards)")
-    weights = Path(step.tokenizer) / "model.safetensors" if Path(step.tokenizer).is_dir() else Path(step.tokenizer)
-    return {"tokenizer": step.tokenizer, "tokenizer_sha256": file_sha256(weights) if weights.is_file() else None,
+    weights = tokenizer_weights_file(step.tokenizer)  # ours, a diffusers VQModel folder or a LlamaGen .pt
+    return {"tokenizer": step.tokenizer, "tokenizer_sha256": file_sha256(weights),
             "tokenizer_size": step.tokenizer_size, "images": str(images), "images_sha256": data_hash(images, kind),
             "image_size": step.image_size}
 
