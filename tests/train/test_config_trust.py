@@ -68,3 +68,12 @@ def test_allow_class_path_lets_a_package_in_and_is_removed_from_the_arguments(tm
     with pytest.raises(SystemExit, match="LambdaCallback runs the functions"):
         check_class_paths(["fit", "--trainer.callbacks+=LambdaCallback"], allowed)
     check_class_paths(["fit", "--trainer.callbacks+=LambdaCallback"], ["lightning.pytorch.callbacks.LambdaCallback"])
+
+
+def test_the_data_preparation_command_refuses_them_too(tmp_path: Path, evil_package: Path):
+    from train.prepare.__main__ import main
+
+    with pytest.raises(SystemExit, match=r"labdata\.Data .*--allow_class_path labdata"):
+        main(["tokens", "--tokenizer", "tok", "--out", str(tmp_path / "out"),
+              "--data", "{class_path: labdata.Data, init_args: {}}"])
+    assert not evil_package.exists() and not (tmp_path / "out").exists()
