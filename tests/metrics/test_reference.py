@@ -64,3 +64,17 @@ def test_reference_cache_is_reused(tmp_path: Path, fake_extractor) -> None:
     assert fake_extractor.calls == 0
     np.testing.assert_array_equal(second.stats.sigma, first.stats.sigma)
     np.testing.assert_array_equal(second.features, first.features)
+
+
+def test_a_truncated_reference_shard_is_refused_not_read_as_fewer_images(tmp_path: Path, fake_extractor) -> None:
+    images = _images(6, 3)
+    _write_png_folder(images, tmp_path / "pngs")
+    with tarfile.open(tmp_path / "ref-000.tar", "w") as tar:  # as an interrupted copy leaves it: 4 of 6 images
+        for i, png in enumerate(sorted((tmp_path / "pngs").iterdir())[:4]):
+            info = tarfile.TarInfo(f"{i:06d}.png")
+            info.size = png.stat().st_size
+            tar.addfile(info, io.BytesIO(png.read_bytes()))
+    (tmp_path / "ref-000.json").write_text('{"num_samples": 6}')
+    with pytest.raises(ValueError, match=r"ref-000.tar holds 4 images but .*ref-000.json records 6"):
+        load_reference(tmp_path / "ref-000.tar", build_extractor("fake-test"), cache_dir=tmp_path / "cache")
+    assert not list(tmp_path.glob("cache/*.npz"))  # no statistics cached from the short shard
