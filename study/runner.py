@@ -50,6 +50,7 @@ from study.step_settings import (
     train_settings,
 )
 from study.steps import Ledger, NotDone, StaleResultsError, settings_digest, stale_message
+from study.token_checks import check_probe_tokens
 from tokenizers_vq.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -468,6 +469,8 @@ def study(name: str, runs: list[StudyRun], out: str | None = None, baseline: str
     """
     names = [run.name for run in runs]
     _check(name, names, baseline, only, seeds)
+    if probes is not None:
+        check_probe_tokens(runs, [probes.tokens] + ([probes.pool] if probes.pool else []))
     study_dir = Path(out or f"runs/{name}")
     study_dir.mkdir(parents=True, exist_ok=True)
     index_path = study_dir / "study.json"
