@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,3 +174,33 @@ def fake_extractor() -> type[FakeExtractor]:
     and returns the class (`.calls` counts its forward passes)."""
     register_extractor("fake-test", FakeExtractor, overwrite=True)
     return FakeExtractor
+
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+"""Environment of the commands the kill-and-resume tests start: the checkout importable, one thread each."""
+
+
+def _kill_when(cmd: list[str], ready: Callable[[], bool], log: Path, timeout: float = 60.0,
+               poll: float = 0.01) -> None:
+    """Run `cmd`, SIGKILL it as soon as `ready()` holds; fail if it ends by itself first."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=SUBPROCESS_ENV, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                assert proc.poll() is None, f"ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no progress in {timeout} s:\n{log.read_text()[-3000:]}"
+                time.sleep(poll)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:  # a failed assertion above: do not leave it running
+                proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def kill_when() -> Callable[..., None]:
+    """`kill_when(cmd, ready, log, timeout=60, poll=0.01)`: start a command and SIGKILL it mid-phase."""
+    return _kill_when

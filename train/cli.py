@@ -24,7 +24,7 @@ from tokenizers_vq.files import atomic_write_text
 from train.checkpoints import use_atomic_checkpoints
 from train.config_trust import check_class_paths, split_allow_flags
 from train.csv_log import keep_csv_logs
-from train.resume import EarlierRunError, checkpoint_dirs, resume_plan, set_aside_log
+from train.resume import EarlierRunError, checkpoint_dirs, resume_plan, set_aside
 
 
 def _tokenizer_module() -> type[L.LightningModule]:
@@ -67,10 +67,7 @@ class AtomicSaveConfig(SaveConfigCallback):
             text = self.parser.dump(self.config, skip_none=False)
             path = Path(log_dir) / self.config_filename
             if path.is_file() and path.read_text() != text:
-                n = 1
-                while (earlier := path.with_name(f"{path.stem}.earlier-{n}{path.suffix}")).exists():
-                    n += 1
-                path.rename(earlier)
+                set_aside(path, "earlier")
             atomic_write_text(path, text)
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
@@ -98,7 +95,7 @@ class _CLI(LightningCLI):
                 print(f"python -m train: {plan.message}", flush=True)
             if plan.set_aside is not None:
                 print(f"python -m train: {plan.set_aside} (a run stopped before its first checkpoint) kept as "
-                      f"{set_aside_log(plan.set_aside)}", flush=True)
+                      f"{set_aside(plan.set_aside, 'unfinished')}", flush=True)
         config["ckpt_path"] = plan.ckpt_path
 
 

@@ -86,10 +86,11 @@ def resume_plan(run_dir: Path, ckpt_dirs: list[Path], ckpt_path: str | None) -> 
     return ResumePlan(None, set_aside=log if log.is_file() else None)
 
 
-def set_aside_log(log: Path) -> Path:
-    """Rename `log` (metrics.csv) to the first free `metrics.unfinished-<n>.csv` beside it; returns the new path."""
+def set_aside(path: Path, tag: str) -> Path:
+    """Rename `path` to the first free `<stem>.<tag>-<n><suffix>` beside it (an earlier run's file kept, not
+    overwritten); returns the new path."""
     n = 1
-    while (target := log.with_name(f"{log.stem}.unfinished-{n}{log.suffix}")).exists():
+    while (target := path.with_name(f"{path.stem}.{tag}-{n}{path.suffix}")).exists():
         n += 1
-    log.rename(target)
+    path.rename(target)
     return target

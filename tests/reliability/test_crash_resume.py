@@ -18,12 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,24 +54,6 @@ def workspace(random_model, tiny_config, tmp_path_factory: pytest.TempPathFactor
     return root
 
 
-def _kill_when(cmd: list[str], ready: Callable[[], bool], log: Path, timeout: float = 60.0) -> None:
-    """Run `cmd`, SIGKILL it as soon as `ready()` holds; fail if it ends by itself first."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        try:
-            while not ready():
-                assert proc.poll() is None, f"ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no progress in {timeout} s:\n{log.read_text()[-3000:]}"
-                time.sleep(0.01)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:  # a failed assertion above: do not leave it running
-                proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-
-
 def _run(cmd: list[str], log: Path, timeout: float = 120.0) -> str:
     done = subprocess.run(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
@@ -88,7 +67,7 @@ def _last_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"] if path.is_file() else -1
 
 
-def test_ar_training_killed_mid_run_resumes_from_last_ckpt(workspace: Path, tmp_path: Path) -> None:
+def test_ar_training_killed_mid_run_resumes_from_last_ckpt(workspace: Path, tmp_path: Path, kill_when) -> None:
     max_steps = 60
     run_dir = tmp_path / "run"
     config = {
@@ -110,7 +89,7 @@ def test_ar_training_killed_mid_run_resumes_from_last_ckpt(workspace: Path, tmp_
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     fit = [sys.executable, "-m", "train", "ar", "fit", "--config", str(tmp_path / "tiny.yaml")]
     last = run_dir / "checkpoints" / "last.ckpt"
-    _kill_when(fit, lambda: _last_step(last) >= 3, tmp_path / "killed.log")
+    kill_when(fit, lambda: _last_step(last) >= 3, tmp_path / "killed.log")
     killed_at = _last_step(last)  # whole: a kill mid-save leaves the previous last.ckpt in place
     assert 3 <= killed_at < max_steps
 
@@ -129,14 +108,14 @@ def test_ar_training_killed_mid_run_resumes_from_last_ckpt(workspace: Path, tmp_
     assert not [p for p in run_dir.rglob("*.tmp")]
 
 
-def test_sampling_killed_mid_run_then_rerun_gives_exactly_n_images(workspace: Path, tmp_path: Path) -> None:
+def test_sampling_killed_mid_run_then_rerun_gives_exactly_n_images(workspace: Path, tmp_path: Path, kill_when) -> None:
     n = 60
     args = {"model": str(workspace / "gpt"), "tokenizer": str(workspace / "tokenizer"), "num_samples": n,
             "batch_size": 2, "seed": 3, "accelerator": "cpu", "devices": 1}
     cmd = [sys.executable, "-m", "sample", "--out", str(tmp_path / "run"),
            *(x for key, value in args.items() for x in (f"--{key}", str(value)))]
     images = tmp_path / "run" / "images"
-    _kill_when(cmd, lambda: images.is_dir() and len(list(images.glob("*.png"))) >= 4, tmp_path / "killed.log")
+    kill_when(cmd, lambda: images.is_dir() and len(list(images.glob("*.png"))) >= 4, tmp_path / "killed.log")
     written = len(list(images.glob("*.png")))
     assert 4 <= written < n and not (tmp_path / "run" / "samples.npz").exists()
 
@@ -150,12 +129,13 @@ def test_sampling_killed_mid_run_then_rerun_gives_exactly_n_images(workspace: Pa
     assert np.array_equal(resumed["labels"], reference["labels"])
 
 
-def test_token_extraction_killed_mid_run_then_rerun_has_each_image_once(workspace: Path, tmp_path: Path) -> None:
+def test_token_extraction_killed_mid_run_then_rerun_has_each_image_once(workspace: Path, tmp_path: Path,
+                                                                         kill_when) -> None:
     out = tmp_path / "tokens"
     cmd = [sys.executable, "-m", "train.prepare", "tokens", "--tokenizer", str(workspace / "tokenizer"), "--data",
            "train.data.images.DigitsDataModule", "--split", "train", "--views", "center", "--out", str(out),
            "--shard_size", "50", "--batch_size", "25", "--accelerator", "cpu", "--devices", "1"]
-    _kill_when(cmd, lambda: len(list(out.glob("*.tar"))) >= 2, tmp_path / "killed.log")
+    kill_when(cmd, lambda: len(list(out.glob("*.tar"))) >= 2, tmp_path / "killed.log")
     assert 2 <= len(list(out.glob("*.tar"))) < 30 and not (out / "meta.json").exists()
 
     _run(cmd, tmp_path / "rerun.log")

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,31 +29,13 @@ def _run(config: Path, log: Path, timeout: float = 300.0) -> None:
     assert done.returncode == 0, log.read_text()[-3000:]
 
 
-def _kill_when(config: Path, ready: Callable[[], bool], log: Path, timeout: float = 300.0) -> None:
-    """Start the study, SIGKILL it as soon as `ready()` holds; fail if it ends by itself first."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(_command(config), cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        try:
-            while not ready():
-                assert proc.poll() is None, f"ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no progress in {timeout} s:\n{log.read_text()[-3000:]}"
-                time.sleep(0.005)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-
-
 def _complete(out: Path, folder: str, step: str) -> bool | None:
     path = out / folder / f"study_{step}.json"
     return json.loads(path.read_text())["complete"] if path.is_file() else None
 
 
 def test_study_killed_while_training_sampling_and_probing_ends_as_an_uninterrupted_one(
-        tiny_study, write_ar_config, study_results, tmp_path):
+        tiny_study, write_ar_config, study_results, tmp_path, kill_when):
     # 40 steps (20 epochs, a last.ckpt after each) and 24 samples in batches of 2: the kills land mid-phase
     ar = write_ar_config(tmp_path / "ar.yaml", max_steps=40)
     changes = {"runs": [{"name": "engram", "config": str(ar)}], "sample": {"args": ["--num_samples=24",
@@ -65,16 +44,19 @@ def test_study_killed_while_training_sampling_and_probing_ends_as_an_uninterrupt
     _run(tiny_study(reference, extractor="fake-subprocess", **changes), tmp_path / "reference.log")
     config = tiny_study(out, extractor="fake-subprocess", **changes)
 
-    _kill_when(config, lambda: (out / "ar/engram/checkpoints/last.ckpt").is_file(), tmp_path / "kill1.log")
+    kill_when(_command(config), lambda: (out / "ar/engram/checkpoints/last.ckpt").is_file(), tmp_path / "kill1.log",
+              timeout=300, poll=0.005)
     assert _complete(out, "ar/engram", "train") is False and not (out / "samples").exists()
 
     images = out / "samples/engram/images"
-    _kill_when(config, lambda: images.is_dir() and any(images.glob("*.png")), tmp_path / "kill2.log")
+    kill_when(_command(config), lambda: images.is_dir() and any(images.glob("*.png")), tmp_path / "kill2.log",
+              timeout=300, poll=0.005)
     assert _complete(out, "ar/engram", "train") is True and _complete(out, "samples/engram", "sample") is False
     assert "resuming training from" in (tmp_path / "kill2.log").read_text()
 
     gate = out / "probes/engram/gate_0/samples/images"
-    _kill_when(config, lambda: gate.is_dir() and any(gate.glob("*.png")), tmp_path / "kill3.log")
+    kill_when(_command(config), lambda: gate.is_dir() and any(gate.glob("*.png")), tmp_path / "kill3.log",
+              timeout=300, poll=0.005)
     assert _complete(out, "samples/engram", "evaluate") is True and _complete(out, "probes/engram", "probe") is False
     assert not (out / "probes/engram/metrics.json").exists()
 
