@@ -3,7 +3,7 @@
 LlamaGen files carry a pickled argparse.Namespace and buffers we rebuild ourselves (`freqs_cis`, KV
 caches, causal masks); those are dropped, everything else must fit exactly. Reading uses the tokenizer
 package's safe loader and checked strict load, so both stages refuse bad files the same way (an unfinished,
-corrupt or mismatched model folder too: `tokenizers_vq.files.read_model_dir`).
+corrupt or mismatched model folder too: `tokenizers_vq.model_dir.read_model_dir`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ from pathlib import Path
 
 from engram_vision.config import ModelConfig, model_config
 from engram_vision.model import EngramGPT
-from tokenizers_vq.files import (
-    CONFIG_NAME,
-    load_state_dict_checked,
-    read_model_config,
-    read_model_dir,
-    safe_torch_load,
-    save_model_dir,
-)
+from tokenizers_vq.files import load_state_dict_checked, safe_torch_load
+from tokenizers_vq.model_dir import CONFIG_NAME, read_model_config, read_model_dir, save_model_dir
 
 KIND = "engram-vision-gpt"
 _REBUILT_KEYS = ("freqs_cis", "kv_cache", "causal_mask")  # LlamaGen buffers that are not weights
@@ -55,7 +49,7 @@ def save_gpt(model: EngramGPT, directory: str | Path) -> Path:
 
 def load_gpt(directory: str | Path) -> EngramGPT:
     """A model saved by `save_gpt`, in eval mode; an unfinished, corrupt or mismatched folder is refused
-    naming the file and the field (`tokenizers_vq.files.read_model_dir`)."""
+    naming the file and the field (`tokenizers_vq.model_dir.read_model_dir`)."""
     config = read_model_config(directory, KIND, ModelConfig)  # before the weights are read
     _, state_dict, source = read_model_dir(directory, KIND)
     model = EngramGPT(config)

@@ -35,14 +35,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from metrics.checks import check_labels
 from metrics.features import FeatureExtractor, register_extractor
-from tokenizers_vq.files import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_write,
-    atomic_write_text,
-    file_sha256,
-    load_state_dict_checked,
-)
+from tokenizers_vq.files import atomic_write, atomic_write_text, file_sha256, load_state_dict_checked
+from tokenizers_vq.model_dir import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["DomainClassifierConfig", "DomainClassifier", "DomainFeatureExtractor", "DomainExtractor",
            "FIDELITY_NAME", "DEPRECATED_NAME", "RESNET", "FORMAT_VERSION", "sized_config",

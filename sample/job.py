@@ -45,13 +45,13 @@ from tokenizers_vq.checkpoint import load_tokenizer
 from tokenizers_vq.diffusers_backend import tokenizer_weights_file
 from tokenizers_vq.files import (
     TEMP_SUFFIX,
-    WEIGHTS_NAME,
     atomic_write,
     atomic_write_text,
     file_sha256,
     remove_stale_temps,
     temp_target,
 )
+from tokenizers_vq.model_dir import WEIGHTS_NAME
 
 LabelScheme = Literal["uniform", "balanced"]
 # Re-exported: the training callback checks its tokenizer with the same function.

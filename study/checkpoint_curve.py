@@ -42,7 +42,8 @@ from engram_vision.config import ModelConfig
 from metrics.evaluate import EvaluateConfig
 from sample.job import LabelScheme
 from sample.sampling import SamplingConfig
-from tokenizers_vq.files import CONFIG_NAME, TEMP_SUFFIX, WEIGHTS_NAME, atomic_write_text, file_sha256
+from tokenizers_vq.files import TEMP_SUFFIX, atomic_write_text, file_sha256
+from tokenizers_vq.model_dir import CONFIG_NAME, WEIGHTS_NAME
 
 FORMAT = "engram-vision-curve"
 STEP_FOLDER = "step_{:07d}"

@@ -36,7 +36,7 @@ from metrics.domain import (
     save_domain_classifier,
     sized_config,
 )
-from tokenizers_vq.files import CONFIG_NAME
+from tokenizers_vq.model_dir import CONFIG_NAME
 from train.data import digits
 
 # Images are held in memory as float32 classifier inputs; past this the data set wants a real data loader.

@@ -51,10 +51,10 @@ from study.step_settings import (
 )
 from study.steps import Ledger, NotDone, StaleResultsError, settings_digest, stale_message
 from study.token_checks import check_probe_tokens
-from tokenizers_vq.files import (
+from tokenizers_vq.files import atomic_write_text
+from tokenizers_vq.model_dir import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    atomic_write_text,
     model_dir_complete,
     model_dir_problem,
     read_model_config,

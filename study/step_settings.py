@@ -18,7 +18,7 @@ from typing import Any
 from metrics.evaluate import EvaluateConfig
 from study.members import Member
 from study.steps import Ledger, path_digest
-from tokenizers_vq.files import WEIGHTS_NAME
+from tokenizers_vq.model_dir import WEIGHTS_NAME
 
 # python -m sample arguments that say where sampling runs, not what it makes (the sample job's own manifest
 # leaves them out too); `out` and `model` are the step's folder and the model, whose hash is kept.

@@ -16,17 +16,16 @@ from pathlib import Path
 import torch
 
 from tokenizers_vq.config import VQConfig, vq_config
-from tokenizers_vq.files import (
+from tokenizers_vq.files import load_state_dict_checked, safe_torch_load
+from tokenizers_vq.model import VQModel
+from tokenizers_vq.model_dir import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    load_state_dict_checked,
     read_json_object,
     read_model_config,
     read_model_dir,
-    safe_torch_load,
     save_model_dir,
 )
-from tokenizers_vq.model import VQModel
 
 VQ_KIND = "engram-vision-vq"
 # Buffers that are bookkeeping, not weights: absent from some files, never a reason to refuse one.
@@ -63,7 +62,7 @@ def save_vq(model: VQModel, directory: str | Path) -> Path:
 
 def load_vq(directory: str | Path) -> VQModel:
     """Our saved tokenizer (`save_vq`) as a VQModel in eval mode; an unfinished, corrupt or mismatched folder
-    is refused naming the file and the field (`tokenizers_vq.files.read_model_dir`)."""
+    is refused naming the file and the field (`tokenizers_vq.model_dir.read_model_dir`)."""
     config = read_model_config(directory, VQ_KIND, VQConfig)  # before the weights are read
     _, state_dict, source = read_model_dir(directory, VQ_KIND)
     model = VQModel(config)

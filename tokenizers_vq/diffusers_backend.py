@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.files import WEIGHTS_NAME
+from tokenizers_vq.model_dir import WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from diffusers import VQModel

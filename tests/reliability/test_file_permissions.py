@@ -21,7 +21,8 @@ import torch
 from engram_vision.checkpoint import save_gpt
 from tokenizers_vq import VQModel, vq_config
 from tokenizers_vq.checkpoint import save_vq
-from tokenizers_vq.files import atomic_write, atomic_write_text, save_model_dir
+from tokenizers_vq.files import atomic_write, atomic_write_text
+from tokenizers_vq.model_dir import save_model_dir
 
 UMASKS = [0o022, 0o002, 0o077]
 

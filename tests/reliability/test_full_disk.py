@@ -30,7 +30,7 @@ from engram_vision.checkpoint import save_gpt
 from engram_vision.config import ModelConfig
 from sample import job as sample_job
 from tokenizers_vq import VQModel, vq_config
-from tokenizers_vq import files as vq_files
+from tokenizers_vq import model_dir as vq_model_dir
 from tokenizers_vq.checkpoint import load_vq, save_vq
 from tokenizers_vq.files import atomic_write, atomic_write_text
 from train.checkpoints import AtomicCheckpointIO, use_atomic_checkpoints
@@ -92,18 +92,18 @@ def test_exported_model_keeps_the_previous_weights(tmp_path, monkeypatch):
     old = VQModel(vq_config("vq-tiny"))
     save_vq(old, tmp_path)
     new = VQModel(vq_config("vq-tiny"))
-    save_file = vq_files.save_file
+    save_file = vq_model_dir.save_file
 
     def full(tensors, tmp, metadata=None):
         Path(tmp).write_bytes(b"\0" * 100)
         raise _full_disk()
 
-    monkeypatch.setattr(vq_files, "save_file", full)
+    monkeypatch.setattr(vq_model_dir, "save_file", full)
     with pytest.raises(OSError, match=r"could not write .*model\.safetensors: No space left"):
         save_vq(new, tmp_path)
     assert _files(tmp_path) == ["config.json", "model.safetensors"]
     assert torch.equal(load_vq(tmp_path).encoder.conv_in.weight, old.encoder.conv_in.weight)
-    monkeypatch.setattr(vq_files, "save_file", save_file)  # space freed
+    monkeypatch.setattr(vq_model_dir, "save_file", save_file)  # space freed
     save_vq(new, tmp_path)
     assert torch.equal(load_vq(tmp_path).encoder.conv_in.weight, new.encoder.conv_in.weight)
 

@@ -36,11 +36,10 @@ from tokenizers_vq.files import (
     CorruptFileError,
     atomic_write,
     atomic_write_text,
-    model_dir_complete,
-    model_dir_problem,
     remove_stale_temps,
     safe_torch_load,
 )
+from tokenizers_vq.model_dir import model_dir_complete, model_dir_problem
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,12 +116,12 @@ def test_kill_between_weights_and_config_leaves_a_folder_nothing_takes_for_finis
     assert model_dir_complete(folder, VQ_KIND)
     script = (
         "import sys, time, torch\n"
-        "import tokenizers_vq.files as files\n"
+        "import tokenizers_vq.model_dir as model_dir\n"
         "from tokenizers_vq import VQModel, vq_config\n"
         "from tokenizers_vq.checkpoint import save_vq\n"
         "def hang(path, chunk=0):\n"
         "    print('weights renamed', flush=True); time.sleep(120)\n"
-        "files.file_sha256 = hang\n"
+        "model_dir.file_sha256 = hang\n"
         "torch.manual_seed(1)\n"
         "save_vq(VQModel(vq_config('vq-tiny')), sys.argv[1])\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -144,7 +143,7 @@ def test_kill_between_weights_and_config_leaves_a_folder_nothing_takes_for_finis
 
 
 def test_failed_config_write_leaves_an_unfinished_folder_and_a_failed_weights_write_the_old_one(saved, monkeypatch):
-    import tokenizers_vq.files as files
+    import tokenizers_vq.model_dir as model_dir
 
     folder, old = saved("vq")
 
@@ -152,7 +151,7 @@ def test_failed_config_write_leaves_an_unfinished_folder_and_a_failed_weights_wr
         Path(tmp).write_bytes(b"half")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(files, "save_file", broken_save_file)
+    monkeypatch.setattr(model_dir, "save_file", broken_save_file)
     with pytest.raises(RuntimeError, match="could not write"):
         save_vq(_vq(1), folder)
     assert model_dir_complete(folder) and _listing(folder) == ["config.json", "model.safetensors"]
@@ -162,7 +161,7 @@ def test_failed_config_write_leaves_an_unfinished_folder_and_a_failed_weights_wr
     def no_config(path, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files, "atomic_write_text", no_config)
+    monkeypatch.setattr(model_dir, "atomic_write_text", no_config)
     with pytest.raises(OSError):
         save_vq(_vq(1), folder)
     assert not model_dir_complete(folder) and _listing(folder) == ["model.safetensors"]

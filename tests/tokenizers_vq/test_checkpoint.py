@@ -93,7 +93,8 @@ def test_saved_folder_records_the_weights_and_config_inside_them(tmp_path):
 
     from safetensors import safe_open
 
-    from tokenizers_vq.files import MODEL_META_KEY, file_sha256
+    from tokenizers_vq.files import file_sha256
+    from tokenizers_vq.model_dir import MODEL_META_KEY
 
     save_vq(_tiny(), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers_vq.config import VQ_SIZES
-from tokenizers_vq.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from tokenizers_vq.files import file_sha256
+from tokenizers_vq.model_dir import CONFIG_NAME, WEIGHTS_NAME
 from train.data.transforms import NUM_VIEWS
 
 __all__ = ["check_meta_consistency", "check_meta_against_tokenizer", "tokenizer_facts"]

@@ -39,7 +39,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Subset
 
 from tokenizers_vq.checkpoint import load_tokenizer
-from tokenizers_vq.files import WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, remove_stale_temps
+from tokenizers_vq.files import atomic_write, atomic_write_text, file_sha256, remove_stale_temps
+from tokenizers_vq.model_dir import WEIGHTS_NAME
 from train.data.tokens import FORMAT, META_NAME
 from train.data.transforms import NUM_VIEWS, ViewMode
 from train.data.views import ViewsCollate, ViewsDataset
